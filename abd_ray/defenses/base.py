@@ -1,0 +1,95 @@
+"""The defense interface the distillation loop calls, and the ``none`` defense.
+
+The KD loop (``abd_ray.engine.distill``) calls these hooks and nothing else, so a defense plugs into every
+synthesizer:
+
+- ``bind``: once, with the teacher, the student and the run's shape, before the first step;
+- ``observe``: every synthesized batch with its teacher logits (the vaccine check collects here);
+- ``generator_term``: a term added to a generator's loss (generative synthesizers);
+- ``student_loss``: turns per-sample KD losses into the batch loss (fixed or banked data may reweight);
+- ``stage2_start`` / ``stage2_lr``: where a second stage starts, and its fresh learning rate (SR);
+- ``add_student_grads``: called after ``zero_grad`` and before the KD backward of a student step; may write
+  gradients into the student's ``.grad`` (SR's hypergradient), which the KD gradient then adds to;
+- ``metrics``: extra metrics reported with every evaluation;
+- ``state_dict`` / ``load_state_dict``: what must survive a checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from abd_ray.registry import DEFENSES
+
+
+class Defense:
+    """Base class: the undefended run. Subclasses override the hooks they need.
+
+    Args:
+        **params: hyperparameters; an unknown key raises a ValueError listing the allowed ones.
+    """
+
+    name = "none"
+    defaults: dict[str, Any] = {}
+
+    def __init__(self, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            allowed = ", ".join(sorted(self.defaults)) or "(none)"
+            raise ValueError(f"defense {self.name!r}: unknown hyperparameter(s) {unknown}; allowed: {allowed}")
+        self.params = {**self.defaults, **params}
+        self.validate()
+
+    def validate(self) -> None:
+        """Check ``self.params``; raise ValueError naming the key and the allowed range."""
+
+    def bind(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        shape: tuple[int, int, int],
+        num_classes: int,
+        total_steps: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Attach to a run. ``generator`` seeds any randomness the defense draws."""
+
+    def observe(self, x: torch.Tensor, t_logits: torch.Tensor, step: int) -> None:
+        """See a synthesized batch (no gradient needed)."""
+
+    def generator_term(self, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor | None:
+        """A term to add to a generator's loss, or None."""
+        return None
+
+    def student_loss(self, per_sample: torch.Tensor, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+        """Batch loss from per-sample KD losses; the undefended mean by default."""
+        return per_sample.mean()
+
+    def stage2_start(self, total_steps: int) -> int | None:
+        """The step at which a second stage begins (fresh student LR), or None."""
+        return None
+
+    def stage2_lr(self) -> float | None:
+        return None
+
+    def add_student_grads(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor, step: int) -> None:
+        """Write extra gradients into ``student``'s ``.grad`` before the KD backward of a student step."""
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+DEFENSES.register("none")(Defense)
+
+
+def build_defense(name: str, params: dict[str, Any] | None = None) -> Defense:
+    """Build a registered defense; unknown names and hyperparameters raise a ValueError with the allowed ones."""
+    return DEFENSES.build(name, **(params or {}))

@@ -1,0 +1,1 @@
+"""Training engines: teachers (train, cache, load) and the distillation loop."""

@@ -1,0 +1,81 @@
+"""One registry class; every kind of component (datasets, attacks, models, ...) is an instance of it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+class Registry:
+    """A name -> component map, filled by a decorator.
+
+    Args:
+        kind: what the registry holds ("dataset", "attack", ...); used in error messages.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, Any] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+
+    def register(self, name: str, **meta: Any) -> Callable[[Any], Any]:
+        """Decorator that registers a component under ``name`` with optional metadata."""
+
+        def deco(obj: Any) -> Any:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} is registered twice; pick another name")
+            self._items[name] = obj
+            self._meta[name] = dict(meta)
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> Any:
+        """The component called ``name``; an unknown name raises a ValueError listing the known ones."""
+        try:
+            return self._items[name]
+        except KeyError:
+            known = ", ".join(sorted(self._items)) or "(none)"
+            raise ValueError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+
+    def meta(self, name: str) -> dict[str, Any]:
+        self.get(name)
+        return self._meta[name]
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.get(name)(*args, **kwargs)
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+DATASETS = Registry("dataset")
+ATTACKS = Registry("attack")
+MODELS = Registry("model")
+SYNTHESIZERS = Registry("synthesizer")
+DEFENSES = Registry("defense")
+
+
+def load_all() -> None:
+    """Import every component module so that the registries are full."""
+    import abd_ray.attacks  # noqa: F401
+    import abd_ray.data  # noqa: F401
+    import abd_ray.models  # noqa: F401
+
+    try:
+        import abd_ray.synthesizers  # noqa: F401
+    except ImportError:  # pragma: no cover - present once the synthesizers land
+        pass
+    try:
+        import abd_ray.defenses  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
