@@ -3,7 +3,10 @@
 The KD loop (``abd_ray.engine.distill``) calls these hooks and nothing else, so a defense plugs into every
 synthesizer:
 
-- ``bind``: once, with the teacher, the student and the run's shape, before the first step;
+- ``bind``: once, with the teacher, the student and the run's shape, before the first step; the keyword
+  ``fixed_data`` says whether the student's inputs are fixed or banked (ood, clean, deepinversion's and cmi's
+  banks: True) or fresh generator outputs (zskt, dfad, dafl: False, the default), which selects how the Shuffling
+  Vaccine acts (it reweights ``student_loss`` only on fixed or banked data; ``generator_term`` whenever called);
 - ``observe``: every synthesized batch with its teacher logits (the vaccine check collects here);
 - ``generator_term``: a term added to a generator's loss (generative synthesizers);
 - ``student_loss``: turns per-sample KD losses into the batch loss (fixed or banked data may reweight);
@@ -53,8 +56,21 @@ class Defense:
         num_classes: int,
         total_steps: int,
         generator: torch.Generator | None = None,
+        *,
+        fixed_data: bool = False,
     ) -> None:
-        """Attach to a run. ``generator`` seeds any randomness the defense draws."""
+        """Attach to a run.
+
+        Args:
+            teacher: the (frozen, eval-mode) teacher.
+            student: the student being distilled.
+            shape: (C, H, W) of one input.
+            num_classes: class count.
+            total_steps: the run's step budget (the unit of ``step`` in the other hooks).
+            generator: seeds any randomness the defense draws.
+            fixed_data: True when the student trains on fixed or banked inputs (ood, clean, deepinversion, cmi),
+                False when it trains on fresh generator outputs (zskt, dfad, dafl).
+        """
 
     def observe(self, x: torch.Tensor, t_logits: torch.Tensor, step: int) -> None:
         """See a synthesized batch (no gradient needed)."""
