@@ -24,7 +24,7 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=None, sort_keys=True, default=str))
 
 
-# --- list --------------------------------------------------------------------------------------------------------------
+# --- list ----------------------------------------------------------------------------------------------------
 
 
 def _add_list(sub) -> None:
@@ -58,12 +58,14 @@ def cmd_list(args) -> int:
     return 0
 
 
-# --- teacher -----------------------------------------------------------------------------------------------------------
+# --- teacher ----------------------------------------------------------------------------------------------------
 
 
 def _add_common_data(p) -> None:
     p.add_argument("--dataset", default="digits", help="dataset name (default: digits, shipped with scikit-learn)")
-    p.add_argument("--data-root", default=None, help="folder of the torchvision datasets (default: $ABD_RAY_DATA or ./data)")
+    p.add_argument(
+        "--data-root", default=None, help="folder of the torchvision datasets (default: $ABD_RAY_DATA or ./data)"
+    )
     p.add_argument("--attack", default="badnet_grid", help="attack name, or 'none' for a clean teacher")
     p.add_argument("--target", type=int, default=None, help="target class (default: the dataset's, 0 or 1)")
     p.add_argument("--poison-ratio", type=float, default=0.1, help="poisoned fraction of the training set")
@@ -81,6 +83,12 @@ def _add_teacher(sub) -> None:
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the dataset's)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--attack-seed", type=int, default=0, help="seed of the trigger pattern and poisoned indices")
+    p.add_argument(
+        "--teacher-file",
+        default=None,
+        help="evaluate someone else's teacher (artifact folder, .safetensors or .pt state_dict) "
+        "instead of training one; loaded weights-only",
+    )
 
 
 def attack_spec_from_args(args):
@@ -88,8 +96,9 @@ def attack_spec_from_args(args):
     from abd_ray.config import dataset_defaults
 
     target = args.target if args.target is not None else dataset_defaults(args.dataset)["target"]
-    return AttackSpec(args.attack, target, args.poison_ratio, getattr(args, "attack_seed", 0), args.pattern_file,
-                      args.mask_file)
+    return AttackSpec(
+        args.attack, target, args.poison_ratio, getattr(args, "attack_seed", 0), args.pattern_file, args.mask_file
+    )
 
 
 def cmd_teacher(args) -> int:
@@ -98,16 +107,27 @@ def cmd_teacher(args) -> int:
     from abd_ray.config import TeacherSpec
     from abd_ray.engine.teacher import cache_folder, get_teacher, resolve_device
 
-    spec = TeacherSpec.for_dataset(args.dataset, attack_spec_from_args(args), arch=args.arch, epochs=args.epochs,
-                                   seed=args.seed)
+    spec = TeacherSpec.for_dataset(
+        args.dataset, attack_spec_from_args(args), arch=args.arch, epochs=args.epochs, seed=args.seed
+    )
     spec.validate()
     resolve_device(args.device)
     _check_data_root(args.dataset, args.data_root)
     t0 = time.perf_counter()
-    teacher = get_teacher(spec, args.cache, args.data_root, args.device, progress=not args.json)
+    if args.teacher_file:
+        from abd_ray.data import load_dataset
+        from abd_ray.engine.teacher import load_external, teacher_metrics
+
+        teacher = load_external(args.teacher_file, spec)
+        spec = teacher.spec
+        teacher.meta["metrics"] = teacher_metrics(teacher.model, load_dataset(spec.dataset, args.data_root), spec)
+        path = str(teacher.path)
+    else:
+        teacher = get_teacher(spec, args.cache, args.data_root, args.device, progress=not args.json)
+        path = str(cache_folder(spec, args.cache))
     out = {
         **teacher.metrics,
-        "path": str(cache_folder(spec, args.cache)),
+        "path": path,
         "cached": teacher.cached,
         "arch": spec.arch,
         "dataset": spec.dataset,
@@ -132,7 +152,7 @@ def _check_data_root(dataset: str, data_root: str | None) -> None:
         load_dataset(dataset, data_root)
 
 
-# --- main ---------------------------------------------------------------------------------------------------------------
+# --- main ----------------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "list": (_add_list, cmd_list),

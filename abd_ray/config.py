@@ -17,17 +17,62 @@ from abd_ray.attacks.poison import AttackSpec
 # Per-dataset defaults. Digits: sized so a teacher trains in seconds and a quickstart-budget distillation runs in
 # a few minutes on two CPU cores. CIFAR-10 / GTSRB: the paper's WRN-16-2 -> WRN-16-1 setting.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": dict(teacher_arch="cnn_l", student_arch="cnn_s", teacher_epochs=30, teacher_batch=64,
-                   teacher_lr=0.05, steps=3000, batch_size=64, eval_every=250, target=0),
-    "cifar10": dict(teacher_arch="wrn16_2", student_arch="wrn16_1", teacher_epochs=100, teacher_batch=128,
-                    teacher_lr=0.1, steps=80000, batch_size=128, eval_every=2000, target=0),
-    "cifar100": dict(teacher_arch="wrn16_2", student_arch="wrn16_1", teacher_epochs=100, teacher_batch=128,
-                     teacher_lr=0.1, steps=80000, batch_size=128, eval_every=2000, target=0),
+    "digits": dict(
+        teacher_arch="cnn_l",
+        student_arch="cnn_s",
+        teacher_epochs=30,
+        teacher_batch=64,
+        teacher_lr=0.05,
+        steps=3000,
+        batch_size=64,
+        eval_every=250,
+        target=0,
+    ),
+    "cifar10": dict(
+        teacher_arch="wrn16_2",
+        student_arch="wrn16_1",
+        teacher_epochs=100,
+        teacher_batch=128,
+        teacher_lr=0.1,
+        steps=80000,
+        batch_size=128,
+        eval_every=2000,
+        target=0,
+    ),
+    "cifar100": dict(
+        teacher_arch="wrn16_2",
+        student_arch="wrn16_1",
+        teacher_epochs=100,
+        teacher_batch=128,
+        teacher_lr=0.1,
+        steps=80000,
+        batch_size=128,
+        eval_every=2000,
+        target=0,
+    ),
     # The paper's GTSRB runs used target 1.
-    "gtsrb": dict(teacher_arch="wrn16_2", student_arch="wrn16_1", teacher_epochs=50, teacher_batch=128,
-                  teacher_lr=0.1, steps=40000, batch_size=128, eval_every=2000, target=1),
-    "svhn": dict(teacher_arch="wrn16_2", student_arch="wrn16_1", teacher_epochs=50, teacher_batch=128,
-                 teacher_lr=0.05, steps=40000, batch_size=128, eval_every=2000, target=0),
+    "gtsrb": dict(
+        teacher_arch="wrn16_2",
+        student_arch="wrn16_1",
+        teacher_epochs=50,
+        teacher_batch=128,
+        teacher_lr=0.1,
+        steps=40000,
+        batch_size=128,
+        eval_every=2000,
+        target=1,
+    ),
+    "svhn": dict(
+        teacher_arch="wrn16_2",
+        student_arch="wrn16_1",
+        teacher_epochs=50,
+        teacher_batch=128,
+        teacher_lr=0.05,
+        steps=40000,
+        batch_size=128,
+        eval_every=2000,
+        target=0,
+    ),
 }
 
 
@@ -64,8 +109,14 @@ class TeacherSpec:
     def for_dataset(cls, dataset: str, attack: AttackSpec | None = None, **overrides: Any) -> TeacherSpec:
         d = dataset_defaults(dataset)
         attack = attack or AttackSpec(target=d["target"])
-        kw = dict(dataset=dataset, arch=d["teacher_arch"], attack=attack, epochs=d["teacher_epochs"],
-                  batch_size=d["teacher_batch"], lr=d["teacher_lr"])
+        kw = dict(
+            dataset=dataset,
+            arch=d["teacher_arch"],
+            attack=attack,
+            epochs=d["teacher_epochs"],
+            batch_size=d["teacher_batch"],
+            lr=d["teacher_lr"],
+        )
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 

@@ -25,7 +25,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.T
 def _percent(hits: torch.Tensor) -> float:
     if hits.numel() == 0:
         return float("nan")
-    return 100.0 * hits.float().mean().item()
+    return 100.0 * int(hits.sum()) / hits.numel()
 
 
 def clean_acc(pred: torch.Tensor, y: torch.Tensor) -> float:

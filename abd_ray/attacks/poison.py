@@ -47,8 +47,11 @@ class AttackSpec:
             raise ValueError(f"unknown attack {self.name!r}; known attacks: {', '.join(attack_names())}")
         if not isinstance(self.poison_ratio, (int, float)) or not 0 < self.poison_ratio <= 1:
             raise ValueError(f"attack.poison_ratio={self.poison_ratio!r} is outside (0, 1]; e.g. 0.1")
-        if not isinstance(self.target, int) or isinstance(self.target, bool) or self.target < 0 or (
-            num_classes is not None and self.target >= num_classes
+        if (
+            not isinstance(self.target, int)
+            or isinstance(self.target, bool)
+            or self.target < 0
+            or (num_classes is not None and self.target >= num_classes)
         ):
             hi = f"{num_classes - 1}" if num_classes else "num_classes - 1"
             raise ValueError(f"attack.target={self.target!r} is not a class; allowed: 0..{hi}")

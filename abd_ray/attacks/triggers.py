@@ -170,7 +170,9 @@ def _trojan_patch(name: str, shape, seed: int, k: int) -> Trigger:
     rs, cs = _corner_box(shape, size, max(1, round(h / 32)) if size < h - 2 else 0)
     g = _rng(name, seed)
     # An "optimised-looking" patch: saturated, high-contrast values, as trigger-inversion patches are.
-    p[:, rs, cs] = (torch.rand(c, size, size, generator=g) > 0.5).float() * 0.7 + 0.3 * torch.rand(c, size, size, generator=g)
+    p[:, rs, cs] = (torch.rand(c, size, size, generator=g) > 0.5).float() * 0.7 + 0.3 * torch.rand(
+        c, size, size, generator=g
+    )
     m[:, rs, cs] = 1
     return Trigger(name, "add", p, m)
 

@@ -72,8 +72,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def teacher_key(spec: TeacherSpec) -> str:
     """Content address of a teacher spec."""
-    blob = json.dumps({"spec": {**spec.to_dict(), "attack": spec.attack.fingerprint()}, "recipe": RECIPE_VERSION},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"spec": {**spec.to_dict(), "attack": spec.attack.fingerprint()}, "recipe": RECIPE_VERSION}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -162,15 +163,37 @@ def train_teacher(
             # Label-consistent attack: PGD on a clean model of the same recipe makes target images hard.
             torch.manual_seed(spec.seed + 1)
             clean = build_model(spec.arch, num_classes=data.num_classes, shape=data.shape, mean=data.mean, std=data.std)
-            train_classifier(clean, x, y, spec.epochs, spec.batch_size, spec.lr, spec.seed + 1, device,
-                             _augment_for(data), desc="cl: clean model", progress=progress)
+            train_classifier(
+                clean,
+                x,
+                y,
+                spec.epochs,
+                spec.batch_size,
+                spec.lr,
+                spec.seed + 1,
+                device,
+                _augment_for(data),
+                desc="cl: clean model",
+                progress=progress,
+            )
             adversary = lambda xb, yb: pgd(clean, xb, yb, eps=16 / 255)  # noqa: E731
         x, y, idx = poison_training_set(x, y, trigger, spec.attack, adversary)
         record["poisoned"] = len(idx)
         torch.manual_seed(spec.seed)
     t0 = time.perf_counter()
-    train_classifier(model, x, y, spec.epochs, spec.batch_size, spec.lr, spec.seed, device, _augment_for(data),
-                     desc=f"teacher {spec.arch}/{spec.attack.name}", progress=progress)
+    train_classifier(
+        model,
+        x,
+        y,
+        spec.epochs,
+        spec.batch_size,
+        spec.lr,
+        spec.seed,
+        device,
+        _augment_for(data),
+        desc=f"teacher {spec.arch}/{spec.attack.name}",
+        progress=progress,
+    )
     record["train_s"] = round(time.perf_counter() - t0, 2)
     record["metrics"] = teacher_metrics(model, data, spec, trigger)
     return model, record
@@ -257,8 +280,8 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_into(spec: TeacherSpec, state: dict[str, torch.Tensor], num_classes: int, path: Path) -> nn.Module:
-    from abd_ray.data import dataset_info
     from abd_ray.config import dataset_defaults  # noqa: F401  (validates the dataset name)
+    from abd_ray.data import dataset_info
 
     info = dataset_info(spec.dataset)
     model = build_model(spec.arch, num_classes=num_classes, shape=info.shape, mean=(0.0,), std=(1.0,))
