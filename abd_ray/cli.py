@@ -171,7 +171,7 @@ def _load_plugins() -> None:
         try:
             __import__(mod)
         except ModuleNotFoundError as e:
-            if e.name != mod:
+            if not (e.name and mod.startswith(e.name)):
                 raise
 
 
