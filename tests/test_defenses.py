@@ -1,0 +1,345 @@
+"""Tests of ABD's defenses (Hong et al., ICML 2023): the Shuffling Vaccine, Self-Retrospection, the fixed-point
+hypergradient, the registry entries and their hyperparameter checks."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abd_ray.defenses import build_defense
+from abd_ray.defenses.hypergrad import fixed_point_hypergrad
+from abd_ray.defenses.vaccine import (
+    ShuffledEnsemble,
+    check_suspect,
+    detection_diagnostics,
+    draw_permutations,
+    masked_divergence_term,
+    resolve_shuffled_layers,
+    reweighted_loss,
+    roc_auc,
+    suspect_divergence,
+    suspect_mask,
+    tail_ratio,
+)
+from abd_ray.models import build_model, conv_layers
+from abd_ray.registry import DEFENSES
+
+
+def _cnn(name: str = "cnn_l", seed: int = 0, shape=(1, 8, 8)) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(name, num_classes=10, shape=shape, mean=(0.5,) * shape[0], std=(0.25,) * shape[0]).eval()
+
+
+def _wrn() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("wrn16_1", num_classes=10, shape=(3, 8, 8), mean=(0.5,) * 3, std=(0.25,) * 3).eval()
+
+
+# --- the shuffled ensemble -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 5, -3, "auto"])
+def test_shuffled_copies_differ_only_in_input_channel_order_of_chosen_layers(k):
+    teacher = _wrn()
+    before = {n: v.clone() for n, v in teacher.state_dict().items()}
+    layers = resolve_shuffled_layers(teacher, k)
+    n_conv = len(conv_layers(teacher))
+    expected = {2: [n_conv - 2, n_conv - 1], 5: list(range(n_conv - 5, n_conv)), -3: [0, 1, 2],
+                "auto": list(range(n_conv - 5, n_conv))}[k]
+    assert layers == expected
+    perms = draw_permutations(teacher, layers, 3, torch.Generator().manual_seed(1))
+    ens = ShuffledEnsemble(teacher, perms)
+
+    # The teacher is untouched, and each copy is a distinct object (a deep copy).
+    for n, v in teacher.state_dict().items():
+        assert torch.equal(v, before[n]), n
+    t_convs = conv_layers(teacher)
+    for copy_model, perm in zip(ens.copies, perms, strict=True):
+        assert all(p is not q for p, q in zip(copy_model.parameters(), teacher.parameters(), strict=True))
+        c_convs = conv_layers(copy_model)
+        for i, (tc, cc) in enumerate(zip(t_convs, c_convs, strict=True)):
+            if i in layers:
+                # exactly a permutation of the input-channel axis (dim 1), by the drawn permutation
+                assert torch.equal(cc.weight, tc.weight[:, perm[i]])
+                assert sorted(perm[i].tolist()) == list(range(tc.weight.shape[1]))
+            else:
+                assert torch.equal(cc.weight, tc.weight)
+        # every non-convolution tensor is identical
+        conv_w = {id(c.weight) for c in c_convs}
+        for (n, p), (_, q) in zip(copy_model.named_parameters(), teacher.named_parameters(), strict=True):
+            if id(p) not in conv_w:
+                assert torch.equal(p, q), n
+        for (n, b), (_, c) in zip(copy_model.named_buffers(), teacher.named_buffers(), strict=True):
+            assert torch.equal(b, c), n
+    # at least one chosen layer really changed (permutations of >= 16 channels are not all identity)
+    assert any(not torch.equal(conv_layers(ens.copies[0])[i].weight, t_convs[i].weight) for i in layers)
+    # the suspect is the mean of the copies' logits
+    x = torch.rand(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(ens(x), torch.stack([m(x) for m in ens.copies]).mean(0), atol=1e-6)
+
+
+def test_auto_layer_count_spares_the_first_convolution_of_small_models():
+    assert resolve_shuffled_layers(_cnn(), "auto") == [1, 2]  # digits CNN: the last 2 of 3
+
+
+@pytest.mark.parametrize("k", [4, -4, 100])
+def test_n_shuf_layer_beyond_the_models_convolutions_is_refused_at_bind(k):
+    d = build_defense("sv", {"n_shuf_layer": k})
+    teacher = _cnn()
+    with pytest.raises(ValueError, match=r"n_shuf_layer=.*3 convolutions"):
+        d.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0))
+
+
+# --- mask and divergence ---------------------------------------------------------------------------------------------
+
+
+def test_mask_and_divergence_match_a_hand_computation_on_two_classes():
+    t = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    u = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+
+    def softmax2(a, b):
+        ea, eb = math.exp(a), math.exp(b)
+        return ea / (ea + eb), eb / (ea + eb)
+
+    hand_d, hand_m = [], []
+    for (ta, tb), (ua, ub) in zip(t.tolist(), u.tolist(), strict=True):
+        p, q = softmax2(ta, tb), softmax2(ua, ub)
+        hand_d.append((p[0] * math.log(p[0] / q[0]) + p[1] * math.log(p[1] / q[1])) / 2)  # mean over 2 classes
+        hand_m.append((ta > tb) == (ua > ub))
+    assert suspect_mask(t, u).tolist() == hand_m == [True, False, True]
+    assert torch.allclose(suspect_divergence(t, u), torch.tensor(hand_d), atol=1e-6)
+
+    term, m, d = masked_divergence_term(t, u, coef=0.5)
+    expected = -0.5 * (hand_d[0] + hand_d[2]) / 2
+    assert math.isclose(float(term), expected, rel_tol=1e-5)
+
+    # nothing masked -> exactly 0
+    term0, _, _ = masked_divergence_term(t, -u, coef=0.5)
+    assert float(term0) == 0.0
+
+    # the reweighted student loss: mean over unmasked minus coef * mean over masked
+    losses = torch.tensor([1.0, 2.0, 3.0])
+    assert math.isclose(float(reweighted_loss(losses, m, 0.5)), 2.0 - 0.5 * 2.0)
+    assert math.isclose(float(reweighted_loss(losses, torch.zeros(3, dtype=torch.bool), 0.5)), 2.0)
+
+
+def test_generator_term_gradient_flows_through_the_suspect_only_when_allowed():
+    teacher = _cnn()
+    x = torch.rand(16, 1, 8, 8, requires_grad=True)
+    grads = {}
+    for no_grad in (False, True):
+        d = build_defense("sv", {"no_shuf_grad": no_grad, "coef": 1.0})
+        d.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0))
+        t_logits = teacher(x).detach()  # isolate the suspect's part of the gradient
+        # force every sample to be masked so the term is non-zero: use the suspect's own argmax as the teacher's
+        with torch.no_grad():
+            u = d.suspect(x)
+        t_logits = t_logits + 100 * F.one_hot(u.argmax(1), 10)
+        term = d.generator_term(x, t_logits)
+        assert term is not None and float(term.detach()) < 0
+        grads[no_grad] = term.requires_grad
+    assert grads == {False: True, True: False}
+
+
+def test_student_loss_reweights_only_on_fixed_data():
+    teacher = _cnn()
+    x = torch.rand(32, 1, 8, 8)
+    with torch.no_grad():
+        t = teacher(x)
+    per = torch.rand(32)
+    gen_mode = build_defense("sv")
+    gen_mode.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0))
+    assert torch.equal(gen_mode.student_loss(per, x, t), per.mean())
+    fixed = build_defense("sv")
+    fixed.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0), fixed_data=True)
+    with torch.no_grad():
+        m = suspect_mask(t, fixed.suspect(x))
+    assert torch.allclose(fixed.student_loss(per, x, t), reweighted_loss(per, m, 1.0))
+    assert 0.0 <= fixed.metrics()["sv_masked_frac"] <= 1.0
+
+
+# --- the vaccine check -----------------------------------------------------------------------------------------------
+
+
+def _logits_with_kl(log10_kl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-class logits (t, u) whose KL(softmax t || softmax u) is 10**log10_kl (t fixed, u solved numerically)."""
+    n = len(log10_kl)
+    t = torch.zeros(n, 2, dtype=torch.float64)
+    target = 10.0 ** log10_kl.double()
+    # KL of (0.5, 0.5) against (q, 1-q) = -0.5 log(4 q (1-q)); solve for q in (0, 0.5]
+    q = 0.5 * (1 - torch.sqrt(1 - torch.exp(-2 * target)))
+    u = torch.stack([torch.log(q), torch.log1p(-q)], 1)
+    return t, u
+
+
+def test_tail_ratio_and_the_check_accept_a_separating_suspect_and_reject_a_unimodal_one():
+    g = torch.Generator().manual_seed(0)
+    body = torch.randn(900, generator=g, dtype=torch.float64) * 0.3 - 1.0  # ordinary inputs: KL around 0.1
+    tail = torch.randn(100, generator=g, dtype=torch.float64) * 0.3 - 7.0  # backdoor-like: KL around 1e-7
+    t, u = _logits_with_kl(torch.cat([body, tail]))
+    ok, r = check_suspect(t, u)
+    assert ok and r > 0.02
+    t, u = _logits_with_kl(torch.cat([body, torch.randn(100, generator=g, dtype=torch.float64) * 0.3 - 1.0]))
+    ok, r = check_suspect(t, u)
+    assert not ok and r <= 0.02
+    assert tail_ratio(torch.ones(10)) == 0.0
+
+
+class _Marked(nn.Module):
+    """A toy 'teacher' whose suspect copies agree with it only on inputs carrying a marker pixel.
+
+    conv(4 -> 4) then a linear readout biased towards class 0. A marker input has the same value in every channel,
+    so permuting the conv's input channels leaves its output as it was; ordinary inputs (random channels) change.
+    """
+
+    def __init__(self, identical: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, bias=False)
+        self.fc = nn.Linear(4, 4)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            if identical:
+                self.conv.weight.copy_(torch.ones(4, 4, 1, 1))  # permuting identical columns changes nothing
+            else:
+                self.conv.weight.copy_(torch.eye(4).view(4, 4, 1, 1) * 3)
+            self.fc.weight.copy_(torch.eye(4))
+            self.fc.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_vaccine_check_through_observe_accepts_then_reports_and_rejects_a_bad_suspect():
+    g = torch.Generator().manual_seed(0)
+
+    def batches(n=20, bs=50, marker_frac=0.06):
+        for _ in range(n):
+            x = torch.rand(bs, 4, 2, 2, generator=g)
+            k = int(bs * marker_frac)
+            x[:k] = 5.0  # the marker: every channel alike, so a channel permutation cannot change the prediction
+            yield x
+
+    teacher = _Marked()
+    d = build_defense("sv", {"pseudo_test_batches": 8, "check_skip": 2, "n_shuf_layer": 1, "n_shuf_ens": 1})
+    d.bind(teacher, teacher, (4, 2, 2), 4, 100, torch.Generator().manual_seed(1))
+    assert d.metrics()["sv_active"] == 0.0 and d.generator_term(torch.rand(2, 4, 2, 2), torch.rand(2, 4)) is None
+    for i, x in enumerate(batches()):
+        with torch.no_grad():
+            d.observe(x, teacher(x), i)
+    m = d.metrics()
+    assert m["sv_check_done"] == 1.0
+    # the marker samples form the low tail: the check accepts (a re-draw may be needed when a permutation
+    # happens to leave channel 0 in place for the ordinary samples too)
+    assert m["sv_check_accepted"] == 1.0 and m["sv_active"] == 1.0 and m["sv_tail_ratio"] > 0.02
+    assert 1 <= m["sv_check_tries"] <= 8
+
+    bad = _Marked(identical=True)  # every permutation leaves the model as it is: nothing separates
+    d = build_defense("sv", {"pseudo_test_batches": 4, "check_skip": 0, "n_shuf_layer": 1})
+    d.bind(bad, bad, (4, 2, 2), 4, 100, torch.Generator().manual_seed(1))
+    for i, x in enumerate(batches(4)):
+        with torch.no_grad():
+            d.observe(x, bad(x), i)
+    m = d.metrics()
+    assert m["sv_check_accepted"] == 0.0 and m["sv_active"] == 0.0 and m["sv_check_tries"] == 8.0
+    assert d.generator_term(torch.rand(2, 4, 2, 2), torch.rand(2, 4)) is None
+
+
+def test_detection_diagnostics_and_auc():
+    assert roc_auc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert roc_auc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+    assert math.isclose(roc_auc(torch.tensor([1.0, 3.0]), torch.tensor([2.0])), 0.5)
+    teacher = _Marked()
+    suspect = ShuffledEnsemble(teacher, [{0: torch.tensor([1, 2, 3, 0])}])
+    clean = torch.rand(64, 4, 2, 2, generator=torch.Generator().manual_seed(0)) + 0.5
+    poison = 5.0 + torch.rand(64, 4, 2, 2, generator=torch.Generator().manual_seed(1)) * 0.01
+    out = detection_diagnostics(teacher, suspect, clean, poison)
+    assert set(out) == {"sv_det_auc", "sv_det_acc", "sv_div_clean", "sv_div_poison", "sv_mask_clean",
+                        "sv_mask_poison"}
+    assert out["sv_div_poison"] < out["sv_div_clean"] and out["sv_det_auc"] > 0.9
+
+
+# --- the fixed-point hypergradient -----------------------------------------------------------------------------------
+
+
+def test_fixed_point_hypergradient_matches_the_closed_form_of_a_quadratic_inner_problem():
+    g = torch.Generator().manual_seed(0)
+    n, m = 5, 3
+    q = torch.randn(n, n, generator=g, dtype=torch.float64)
+    a = q @ q.T / n + torch.eye(n, dtype=torch.float64)  # SPD inner Hessian
+    b = torch.randn(n, m, generator=g, dtype=torch.float64)
+    c = torch.randn(n, generator=g, dtype=torch.float64)
+    dm = 0.3 * torch.eye(m, dtype=torch.float64)
+    lam = torch.randn(m, generator=g, dtype=torch.float64).requires_grad_(True)
+    # inner: 0.5 w'Aw - w'B lam  ->  w* = A^-1 B lam ; outer: 0.5 |w - c|^2 + 0.5 lam' D lam
+    w_star = torch.linalg.solve(a, b @ lam.detach()).requires_grad_(True)
+
+    def inner(ws, hs):
+        return 0.5 * ws[0] @ a @ ws[0] - ws[0] @ (b @ hs[0])
+
+    def outer(ws, hs):
+        return 0.5 * (ws[0] - c).pow(2).sum() + 0.5 * hs[0] @ dm @ hs[0]
+
+    closed = b.T @ torch.linalg.solve(a, w_star.detach() - c) + dm @ lam.detach()
+    step = 1.0 / float(torch.linalg.eigvalsh(a).max())
+    (hg,) = fixed_point_hypergrad([w_star], [lam], inner, outer, K=300, step=step)
+    assert torch.allclose(hg, closed, atol=1e-4, rtol=0)
+    # few iterations are only an approximation, and K < 1 is refused
+    (rough,) = fixed_point_hypergrad([w_star], [lam], inner, outer, K=1, step=step)
+    assert not torch.allclose(rough, closed, atol=1e-4)
+    with pytest.raises(ValueError, match="K=0"):
+        fixed_point_hypergrad([w_star], [lam], inner, outer, K=0, step=step)
+
+
+# --- registry and hyperparameters ------------------------------------------------------------------------------------
+
+
+def test_registry_holds_every_defense_and_abd_routes_its_keys():
+    assert {"none", "sv", "sr", "abd"} <= set(DEFENSES.names())
+    d = build_defense("abd", {"coef": 0.1, "n_shuf_ens": 2, "n_shuf_layer": -1, "no_shuf_grad": True,
+                              "pseudo_test_batches": 50, "inner_round": 20, "pert_lr": 0.05, "pert_model": "teacher",
+                              "hg_out_portion": 0.1, "K": 3, "sup_resume_lr": 1e-3, "sr_start": 0.5})
+    assert d.sv.params["coef"] == 0.1 and d.sv.params["n_shuf_layer"] == -1 and d.sv.params["no_shuf_grad"] is True
+    assert d.sr.params["K"] == 3 and d.sr.params["pert_model"] == "teacher"
+    assert d.stage2_start(1000) == 500 and d.stage2_lr() == 1e-3
+    assert build_defense("sv").stage2_start(1000) is None
+
+
+@pytest.mark.parametrize(
+    "name, params, match",
+    [
+        ("sr", {"hg_out_portion": 0.0}, r"hg_out_portion=0.0 is outside \(0.0, 1.0\]"),
+        ("sr", {"hg_out_portion": 1.5}, r"hg_out_portion=1.5 is outside"),
+        ("abd", {"K": 0}, r"K=0 must be an integer in 1\.\."),
+        ("sr", {"K": 2.5}, r"K=2.5 must be an integer"),
+        ("sr", {"pert_model": "generator"}, r"allowed: student, teacher"),
+        ("sr", {"sr_start": 1.5}, r"sr_start"),
+        ("sv", {"n_shuf_layer": 0}, r"n_shuf_layer=0"),
+        ("sv", {"n_shuf_ens": 0}, r"n_shuf_ens"),
+        ("sv", {"coef": -1}, r"coef"),
+        ("sv", {"no_shuf_grad": "maybe"}, r"true or false"),
+        ("sv", {"K": 5}, r"unknown hyperparameter.*allowed: check_skip, check_tries, coef"),
+        ("abd", {"bogus": 1}, r"unknown hyperparameter\(s\) \['bogus'\]; allowed: K, "),
+    ],
+)
+def test_bad_hyperparameters_give_clear_errors(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        build_defense(name, params)
+
+
+def test_state_dict_round_trip_restores_the_suspect():
+    teacher = _cnn()
+    a = build_defense("abd")
+    a.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(5))
+    state = copy.deepcopy(a.state_dict())
+    b = build_defense("abd")
+    b.load_state_dict(state)  # before bind, as well as after: applied at bind
+    b.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(99))
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(a.sv.suspect(x), b.sv.suspect(x))
