@@ -1,0 +1,168 @@
+"""The driver-side Tune callback that writes a study into MLflow.
+
+Ray's own MLflow integrations keep no state and do not nest runs, so a restored experiment would open a second
+run for a trial that was running when the driver died. This callback instead:
+
+- finds a trial's child run by its tags (parent run id + Tune trial id) before creating one, so a restarted or
+  restored trial reuses its run;
+- logs an evaluation's metrics only if its step is beyond the last step the run already holds (read back from
+  MLflow once per run and driver), so a trial restarted from an older checkpoint never logs a step twice;
+- logs the final artifacts from the trial's last checkpoint and marks the run FINISHED (or FAILED).
+
+It holds only the study folder across pickling (Tune pickles callbacks into the experiment); the tracking URI,
+experiment and parent run are read from the folder's ``study.json``, so ``abd-ray resume --tracking-uri`` can
+point a study at a moved database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from abd_ray.study.trainable import ARTIFACTS, FINAL_FILE, split_config
+
+log = logging.getLogger(__name__)
+
+# Keys Tune adds to every result; they are bookkeeping, not metrics of the run.
+TUNE_KEYS = {
+    "done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s", "time_total_s", "pid",
+    "hostname", "node_ip", "config", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name",
+    "experiment_tag", "should_checkpoint", "step", "final", "node_id", "episodes_total", "timesteps_total",
+    "timesteps_since_restore", "episode_reward_mean", "warmup_time",
+}
+SENTINEL = "clean_acc"  # reported at every evaluation: its history tells which steps a run already holds
+
+
+def read_state(study_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(study_dir) / "study.json").read_text())
+
+
+class MLflowTrialCallback(Callback):
+    """One MLflow child run per Tune trial, under the study's parent run.
+
+    Args:
+        study_dir: the study folder (holds ``study.json`` with the tracking URI and the parent run id).
+    """
+
+    def __init__(self, study_dir: str) -> None:
+        self.study_dir = str(study_dir)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._tracker = None
+        self._exp_id: str | None = None
+        self._parent: str | None = None
+        self._study_file: Path | None = None
+        self._runs: dict[str, str] = {}
+        self._last_step: dict[str, int] = {}
+        self._node: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"study_dir": self.study_dir}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.study_dir = state["study_dir"]
+        self._reset()
+
+    # --- helpers ----------------------------------------------------------------------------------------------------
+
+    def _t(self):
+        if self._tracker is None:
+            from abd_ray.tracking import Tracker
+
+            st = read_state(self.study_dir)
+            self._tracker = Tracker(st["tracking_uri"])
+            self._exp_id = st["mlflow_experiment_id"]
+            self._parent = st["parent_run_id"]
+            f = Path(self.study_dir) / "study.yaml"
+            self._study_file = f if f.exists() else None
+        return self._tracker
+
+    def run_id(self, trial) -> str:
+        """The child run of ``trial``: remembered, found by tags, or created (with params and tags)."""
+        tid = trial.trial_id
+        if tid in self._runs:
+            return self._runs[tid]
+        t = self._t()
+        rid = t.find_child(self._exp_id, self._parent, tid)
+        if rid is None:
+            _, meta = split_config(trial.config)
+            name = f"{trial.config.get('study.cell', '')}/{trial.config.get('defense', '')}" \
+                   f"/s{trial.config.get('seed', '')}/{tid}"
+            rid = t.start_child(self._exp_id, self._parent, tid, name, dict(trial.config),
+                                {"abd_ray.kind": meta.get("study.kind", ""), "abd_ray.cell": meta.get("study.cell", "")})
+            if self._study_file is not None:
+                t.log_artifact(rid, self._study_file)
+            self._last_step[rid] = -1
+        self._runs[tid] = rid
+        return rid
+
+    def _last(self, rid: str) -> int:
+        if rid not in self._last_step:
+            steps = self._t().logged_steps(rid, SENTINEL)
+            self._last_step[rid] = max(steps) if steps else -1
+        return self._last_step[rid]
+
+    # --- Tune hooks -------------------------------------------------------------------------------------------------
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        rid = self.run_id(trial)
+        t = self._t()
+        if t.status(rid) != "RUNNING":
+            t.set_status(rid, "RUNNING")  # a restarted trial reopens its own run, never a second one
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
+        rid = self.run_id(trial)
+        t = self._t()
+        step = int(result.get("step", result.get("training_iteration", 0)))
+        metrics = {k: v for k, v in result.items()
+                   if k not in TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        node = result.get("node_id")
+        if node and self._node.get(rid) != node:
+            t.set_tags(rid, {"ray.node_id": node, "ray.node_ip": result.get("node_ip", "")})
+            self._node[rid] = node
+        if result.get("final"):
+            # The final record repeats the last evaluation: log only what no evaluation logged (wall time, ...).
+            have = t.metric_keys(rid)
+            extra = {k: v for k, v in metrics.items() if k not in have}
+            if extra:
+                t.log_metrics(rid, extra, step)
+            self._last_step[rid] = max(self._last(rid), step)
+            return
+        if step <= self._last(rid):
+            return  # already logged by an earlier attempt of this trial
+        t.log_metrics(rid, metrics, step)
+        self._last_step[rid] = step
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        rid = self.run_id(trial)
+        t = self._t()
+        ok = bool(trial.last_result.get("final"))
+        if ok and trial.checkpoint is not None:
+            try:
+                with trial.checkpoint.as_directory() as d:
+                    if (Path(d) / ARTIFACTS).is_dir():
+                        t.log_artifacts(rid, Path(d) / ARTIFACTS)
+                    if (Path(d) / FINAL_FILE).exists():
+                        t.log_artifact(rid, Path(d) / FINAL_FILE)
+            except Exception as e:  # noqa: BLE001 - a missing artifact must not fail the study
+                log.warning("could not log the artifacts of trial %s: %s", trial.trial_id, e)
+                t.set_tags(rid, {"abd_ray.artifacts_error": str(e)[:500]})
+        t.set_status(rid, "FINISHED" if ok else "FAILED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        rid = self.run_id(trial)
+        t = self._t()
+        reason = ""
+        err = getattr(trial, "error_file", None) or ""
+        try:
+            if err and Path(err).exists():
+                reason = Path(err).read_text()[-2000:]
+        except OSError:
+            pass
+        t.set_tags(rid, {"abd_ray.error": reason or "trial failed (see Tune's error file)"})
+        t.set_status(rid, "FAILED")

@@ -1,0 +1,372 @@
+"""The study report: Pareto fronts, the paper-style table, der against the undefended twin, the recommended config.
+
+Read from the study folder alone (Tune's experiment files, ``optuna.db`` and the tracking database), so it runs
+while or after a study runs, without Ray. Multi-objective results have no single "best" trial (Tune's
+``get_best_result`` refuses them), so the non-dominated set is computed here: maximise ``clean_acc``, minimise
+``asr``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from abd_ray.metrics import der as der_of
+
+REPORT_DIR = "report"
+
+
+# --- pure pieces -------------------------------------------------------------------------------------------------------
+
+
+def pareto_front(points: list[dict[str, Any]], acc: str = "clean_acc", asr: str = "asr") -> list[dict[str, Any]]:
+    """The non-dominated points (higher ``acc``, lower ``asr``), sorted by ``asr`` then ``-acc``.
+
+    A point is dominated when another is at least as good in both and better in one. NaN points are skipped.
+    """
+    pts = [p for p in points if _finite(p.get(acc)) and _finite(p.get(asr))]
+    front = []
+    for p in pts:
+        dominated = any(
+            q[acc] >= p[acc] and q[asr] <= p[asr] and (q[acc] > p[acc] or q[asr] < p[asr]) for q in pts
+        )
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: (p[asr], -p[acc]))
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if _finite(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def fmt_ms(m: float, s: float, n: int) -> str:
+    if not _finite(m):
+        return "-"
+    return f"{m:.1f}±{s:.1f}" if n > 1 else f"{m:.1f}"
+
+
+def recommend(rows: list[dict[str, Any]], undefended_acc: float, max_acc_drop: float,
+              defense: str | None = None) -> dict[str, Any] | None:
+    """The defended run with the lowest asr whose clean_acc is within ``max_acc_drop`` of the undefended one.
+
+    Ties go to the higher clean_acc. ``defense`` restricts the candidates to one defense.
+    """
+    cands = [r for r in rows if r["defense"] != "none" and (defense is None or r["defense"] == defense)
+             and _finite(r.get("clean_acc")) and _finite(r.get("asr"))
+             and (not _finite(undefended_acc) or r["clean_acc"] >= undefended_acc - max_acc_drop)]
+    if not cands:
+        return None
+    return min(cands, key=lambda r: (r["asr"], -r["clean_acc"]))
+
+
+# --- reading a study ---------------------------------------------------------------------------------------------------
+
+
+def trial_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per Tune trial: identity, hyperparameters, final metrics (NaN where it did not finish)."""
+    rows = []
+    for tr in trials:
+        c, r = tr["config"], tr["last_result"]
+        final = bool(r.get("final"))
+
+        def m(key: str, r=r, final=final) -> float:
+            v = r.get(key)
+            return float(v) if final and _finite(v) else float("nan")
+
+        rows.append({
+            "trial_id": tr["trial_id"],
+            "status": tr["status"] if (final or tr["status"] != "TERMINATED") else "INCOMPLETE",
+            "kind": c.get("study.kind", "grid"),
+            "cell": c.get("study.cell", f"{c.get('attack.name')}/{c.get('synthesizer')}"),
+            "attack": c.get("attack.name"),
+            "synthesizer": c.get("synthesizer"),
+            "defense": c.get("defense"),
+            "seed": c.get("seed"),
+            "params": {k.split(".", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("defense.")},
+            "clean_acc": m("clean_acc"),
+            "asr": m("asr"),
+            "robust_acc": m("robust_acc"),
+            "teacher_clean_acc": m("teacher_clean_acc"),
+            "teacher_asr": m("teacher_asr"),
+            "wall_s": m("wall_s"),
+            "step": r.get("step"),
+            "error": tr.get("error"),
+        })
+    return sorted(rows, key=lambda x: (x["cell"], x["kind"] != "grid", x["defense"] != "none", str(x["defense"]),
+                                       x["seed"] or 0, x["trial_id"]))
+
+
+def _undefended(rows: list[dict[str, Any]], cell: str, seed: Any = None) -> tuple[float, float]:
+    base = [r for r in rows if r["cell"] == cell and r["defense"] == "none" and _finite(r["clean_acc"])]
+    twin = [r for r in base if r["seed"] == seed]
+    use = twin or base
+    if not use:
+        return float("nan"), float("nan")
+    return mean_std([r["clean_acc"] for r in use])[0], mean_std([r["asr"] for r in use])[0]
+
+
+def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, Any]:
+    """Everything the report shows, as one JSON-able dict."""
+    from abd_ray.study.runner import experiment_path, optuna_names, read_state, tune_trials
+    from abd_ray.study.spec import load_spec
+
+    if not _finite(max_acc_drop) or max_acc_drop < 0:
+        raise ValueError(f"--max-acc-drop {max_acc_drop!r} must be a number >= 0 (percentage points), e.g. 5")
+    study_dir = Path(study_dir).expanduser().resolve()
+    state = read_state(study_dir)
+    spec = load_spec(study_dir / "study.yaml")
+    import dataclasses
+
+    spec = dataclasses.replace(spec, name=state["name"])
+    from ray.tune import Tuner
+
+    path = experiment_path(state)
+    trials = tune_trials(path) if Tuner.can_restore(path) else []
+    rows = trial_rows(trials)
+    done = [r for r in rows if _finite(r["clean_acc"])]
+    cells = sorted({r["cell"] for r in rows})
+
+    # der of each defended run against its undefended twin (same cell and seed; else the cell's mean).
+    ders = []
+    for r in done:
+        if r["defense"] == "none":
+            continue
+        acc0, asr0 = _undefended(rows, r["cell"], r["seed"])
+        d = der_of(acc0, asr0, r["clean_acc"], r["asr"]) if _finite(acc0) else float("nan")
+        r["der"] = d
+        ders.append({"trial_id": r["trial_id"], "cell": r["cell"], "defense": r["defense"], "seed": r["seed"],
+                     "kind": r["kind"], "clean_acc": r["clean_acc"], "asr": r["asr"], "undefended_clean_acc": acc0,
+                     "undefended_asr": asr0, "der": d})
+
+    fronts, recs = {}, {}
+    search_def = spec.search.defense if spec.search else None
+    for cell in cells:
+        pts = [r for r in done if r["cell"] == cell]
+        fronts[cell] = [_brief(r) for r in pareto_front(pts)]
+        acc0, asr0 = _undefended(rows, cell)
+        rec = recommend(pts, acc0, max_acc_drop, defense="abd" if any(r["defense"] == "abd" for r in pts)
+                        else search_def)
+        recs[cell] = None if rec is None else {**_brief(rec), "undefended_clean_acc": acc0, "undefended_asr": asr0,
+                                               "acc_drop": acc0 - rec["clean_acc"] if _finite(acc0) else None}
+
+    # Paper-style table: grid trials, mean ± std over seeds, per attack x (synthesizer, defense).
+    table = []
+    for attack in sorted({r["attack"] for r in rows}):
+        for synth in sorted({r["synthesizer"] for r in rows if r["attack"] == attack}):
+            for defense in sorted({r["defense"] for r in rows if r["attack"] == attack and r["synthesizer"] == synth
+                                   and r["kind"] == "grid"}, key=lambda d: (d != "none", d)):
+                grp = [r for r in done if r["attack"] == attack and r["synthesizer"] == synth
+                       and r["defense"] == defense and r["kind"] == "grid"]
+                acc, acc_s = mean_std([r["clean_acc"] for r in grp])
+                asr, asr_s = mean_std([r["asr"] for r in grp])
+                t_acc = mean_std([r["teacher_clean_acc"] for r in grp])[0]
+                t_asr = mean_std([r["teacher_asr"] for r in grp])[0]
+                table.append({"attack": attack, "synthesizer": synth, "defense": defense, "n": len(grp),
+                              "clean_acc": acc, "clean_acc_std": acc_s, "asr": asr, "asr_std": asr_s,
+                              "teacher_clean_acc": t_acc, "teacher_asr": t_asr})
+
+    counts = _counts(spec, state, study_dir, rows, optuna_names(spec))
+    return {
+        "study": state["name"],
+        "study_dir": str(study_dir),
+        "status": state.get("status"),
+        "max_acc_drop": max_acc_drop,
+        "counts": counts,
+        "trials": rows,
+        "pareto": fronts,
+        "table": table,
+        "der": ders,
+        "recommended": recs,
+    }
+
+
+def _brief(r: dict[str, Any]) -> dict[str, Any]:
+    keys = ("trial_id", "kind", "cell", "defense", "seed", "params", "clean_acc", "asr", "robust_acc")
+    out = {k: r.get(k) for k in keys}
+    if "der" in r:
+        out["der"] = r["der"]
+    return out
+
+
+def _counts(spec, state: dict[str, Any], study_dir: Path, rows: list[dict[str, Any]],
+            names: list[str]) -> dict[str, Any]:
+    from abd_ray.study.search import optuna_counts
+
+    tune_counts: dict[str, int] = {}
+    for r in rows:
+        tune_counts[r["status"]] = tune_counts.get(r["status"], 0) + 1
+    opt = optuna_counts(str(study_dir), names)
+    optuna_total: dict[str, int] = {}
+    for c in opt.values():
+        for k, v in c.items():
+            optuna_total[k] = optuna_total.get(k, 0) + v
+    ml: dict[str, Any] = {}
+    try:
+        from abd_ray.tracking import Tracker
+
+        t = Tracker(state["tracking_uri"])
+        children: dict[str, int] = {}
+        for run in t.child_runs(state["mlflow_experiment_id"], state["parent_run_id"]):
+            children[run["status"]] = children.get(run["status"], 0) + 1
+        ml = {"parent_status": t.status(state["parent_run_id"]), "children": children,
+              "tracking_uri": state["tracking_uri"], "parent_run_id": state["parent_run_id"]}
+    except Exception as e:  # noqa: BLE001 - a report must still come out when the tracking server is away
+        ml = {"error": f"{type(e).__name__}: {e}"}
+    n_search = sum(r["kind"] == "search" for r in rows)
+    return {"planned": state.get("planned_trials"), "tune": tune_counts, "tune_total": len(rows),
+            "search_trials": n_search, "optuna": opt, "optuna_total": optuna_total, "mlflow": ml}
+
+
+# --- writing -------------------------------------------------------------------------------------------------------
+
+
+def _f(v: Any, nd: int = 1) -> str:
+    return f"{v:.{nd}f}" if _finite(v) else "-"
+
+
+def _params(p: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_f(v, 3) if isinstance(v, float) else v}" for k, v in p.items()) or "(defaults)"
+
+
+def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> str:
+    """The report as Markdown (what ``abd-ray report`` prints)."""
+    c = rep["counts"]
+    lines = [f"# Study {rep['study']}", "",
+             f"Status: {rep['status']}. Trials: planned {c['planned']}, in Tune {c['tune_total']} "
+             f"({', '.join(f'{k} {v}' for k, v in sorted(c['tune'].items())) or 'none'}); "
+             f"Optuna {', '.join(f'{k} {v}' for k, v in sorted(c['optuna_total'].items())) or '-'} "
+             f"(search trials {c['search_trials']}); MLflow child runs "
+             f"{', '.join(f'{k} {v}' for k, v in sorted(c['mlflow'].get('children', {}).items())) or '-'}.", ""]
+    lines += ["## Paper-style table (grid trials, mean±std over seeds; Acc / ASR %)", "",
+              "| attack | synthesizer | defense | n | teacher acc/asr | clean_acc | asr |", "|---|---|---|---|---|---|---|"]
+    for t in rep["table"]:
+        lines.append(f"| {t['attack']} | {t['synthesizer']} | {t['defense']} | {t['n']} | "
+                     f"{_f(t['teacher_clean_acc'])}/{_f(t['teacher_asr'])} | "
+                     f"{fmt_ms(t['clean_acc'], t['clean_acc_std'], t['n'])} | {fmt_ms(t['asr'], t['asr_std'], t['n'])} |")
+    lines += ["", f"## Recommended config per cell (lowest asr within {rep['max_acc_drop']:g} points of the "
+                  "undefended clean_acc)", "",
+              "| cell | trial | defense | clean_acc | asr | undefended acc/asr | der | hyperparameters |",
+              "|---|---|---|---|---|---|---|---|"]
+    for cell, r in rep["recommended"].items():
+        if r is None:
+            lines.append(f"| {cell} | - | - | - | - | - | - | no defended run within the allowed drop |")
+            continue
+        lines.append(f"| {cell} | {r['trial_id']} ({r['kind']}) | {r['defense']} | {_f(r['clean_acc'])} | "
+                     f"{_f(r['asr'])} | {_f(r['undefended_clean_acc'])}/{_f(r['undefended_asr'])} | "
+                     f"{_f(r.get('der'), 3)} | {_params(r['params'])} |")
+    for cell, front in rep["pareto"].items():
+        lines += ["", f"## Pareto front: {cell} (clean_acc max, asr min)", ""]
+        if pngs and cell in pngs:
+            lines += [f"![pareto {cell}]({Path(pngs[cell]).name})", ""]
+        lines += ["| trial | kind | defense | seed | clean_acc | asr | robust_acc | der | hyperparameters |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in front:
+            lines.append(f"| {r['trial_id']} | {r['kind']} | {r['defense']} | {r['seed']} | {_f(r['clean_acc'])} | "
+                         f"{_f(r['asr'])} | {_f(r['robust_acc'])} | {_f(r.get('der'), 3)} | {_params(r['params'])} |")
+    lines += ["", "## der of defended runs against their undefended twin", "",
+              "| trial | kind | cell | defense | seed | clean_acc | asr | der |", "|---|---|---|---|---|---|---|---|"]
+    for d in rep["der"]:
+        lines.append(f"| {d['trial_id']} | {d['kind']} | {d['cell']} | {d['defense']} | {d['seed']} | "
+                     f"{_f(d['clean_acc'])} | {_f(d['asr'])} | {_f(d['der'], 3)} |")
+    failed = [r for r in rep["trials"] if r["status"] not in ("TERMINATED",)]
+    if failed:
+        lines += ["", "## Trials that did not finish", "", "| trial | cell | defense | status | reason |",
+                  "|---|---|---|---|---|"]
+        for r in failed:
+            lines.append(f"| {r['trial_id']} | {r['cell']} | {r['defense']} | {r['status']} | "
+                         f"{(r.get('error') or '').replace('|', '/')[:200]} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(rows: list[dict[str, Any]], front: list[dict[str, Any]], cell: str, path: Path) -> None:
+    """Scatter of every finished trial of a cell (clean_acc vs asr) with its Pareto front drawn as a step line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=110)
+    markers = {"none": ("x", "tab:red"), "abd": ("o", "tab:blue"), "sv": ("s", "tab:green"), "sr": ("^", "tab:purple")}
+    for defense in sorted({r["defense"] for r in rows}):
+        pts = [r for r in rows if r["defense"] == defense]
+        mk, col = markers.get(defense, ("d", "tab:gray"))
+        ax.scatter([r["asr"] for r in pts], [r["clean_acc"] for r in pts], marker=mk, color=col, label=defense,
+                   alpha=0.8)
+    if front:
+        ax.step([r["asr"] for r in front], [r["clean_acc"] for r in front], where="post", color="black", lw=1,
+                label="Pareto front")
+    ax.set_xlabel("attack success rate (%)  ← better")
+    ax.set_ylabel("clean accuracy (%)  ↑ better")
+    ax.set_title(cell)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        path.write_text("")
+        return
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in r.items()})
+
+
+def write_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> tuple[dict[str, Any], str]:
+    """Build the report and write it into ``<study>/report/``: report.md, report.json, CSVs and Pareto PNGs.
+
+    Returns:
+        The report dict (with ``files``) and its Markdown.
+    """
+    rep = build_report(study_dir, max_acc_drop)
+    out = Path(rep["study_dir"]) / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    pngs = {}
+    done = [r for r in rep["trials"] if _finite(r["clean_acc"])]
+    for cell, front in rep["pareto"].items():
+        png = out / f"pareto_{cell.replace('/', '_')}.png"
+        plot_pareto([r for r in done if r["cell"] == cell], front, cell, png)
+        pngs[cell] = str(png)
+    md = render_markdown(rep, pngs)
+    files = {"markdown": str(out / "report.md"), "json": str(out / "report.json"),
+             "trials_csv": str(out / "trials.csv"), "pareto_csv": str(out / "pareto.csv"),
+             "table_csv": str(out / "table.csv"), "der_csv": str(out / "der.csv"),
+             "recommended_csv": str(out / "recommended.csv"), "pareto_png": pngs}
+    rep["files"] = files
+    (out / "report.md").write_text(md)
+    _write_csv(out / "trials.csv", rep["trials"])
+    _write_csv(out / "pareto.csv", [{"cell": c, **r} for c, f in rep["pareto"].items() for r in f])
+    _write_csv(out / "table.csv", rep["table"])
+    _write_csv(out / "der.csv", rep["der"])
+    _write_csv(out / "recommended.csv", [{"cell": c, **r} for c, r in rep["recommended"].items() if r])
+    (out / "report.json").write_text(json.dumps(jsonable(rep), indent=2, sort_keys=True))
+    return rep, md
+
+
+def jsonable(obj: Any) -> Any:
+    """NaN/inf become null, so the JSON is strict."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj

@@ -1,0 +1,435 @@
+"""Launch and resume studies: the teacher stage, the Tune experiment, and the agreement of Tune, Optuna and MLflow.
+
+A study lives in a *study folder* on the driver: ``study.json`` (the driver's record: spec, paths, tracking URI,
+parent run, teachers, status), ``study.yaml`` (the study file as given), ``optuna.db`` (one Optuna study per
+search cell), ``report/`` and, unless the storage is remote (``s3://``...), the Tune experiment ``tune/`` with
+the trials' results and checkpoints.
+
+Restore-or-new is decided by ``Tuner.can_restore`` on the experiment path; a fresh experiment first removes any
+Optuna study of the same cells, so it never appends to the studies of an attempt that Tune could not restore.
+One lock per study folder keeps two drivers off one study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from abd_ray.study.spec import StudySpec, load_spec
+
+STATE = "study.json"
+SPEC_COPY = "study.yaml"
+EXPERIMENT = "tune"
+DEFAULT_STORAGE = "abd_ray_results"
+TERMINAL = ("TERMINATED", "ERROR")
+
+log = logging.getLogger(__name__)
+Echo = Callable[[str], None]
+
+
+def _echo(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def read_state(study_dir: str | Path) -> dict[str, Any]:
+    """The ``study.json`` of a study folder (ValueError with a hint if the folder holds no study)."""
+    p = Path(study_dir) / STATE
+    if not p.exists():
+        raise ValueError(f"{study_dir} holds no abd-ray study ({STATE} is missing); give the folder that "
+                         "`abd-ray study` printed")
+    return json.loads(p.read_text())
+
+
+def write_state(study_dir: str | Path, state: dict[str, Any]) -> None:
+    """Write ``study.json`` atomically (a driver killed mid-write leaves the previous one)."""
+    p = Path(study_dir) / STATE
+    tmp = p.with_name(f".{STATE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, p)
+
+
+def experiment_path(state: dict[str, Any]) -> str:
+    return f"{state['storage'].rstrip('/')}/{EXPERIMENT}"
+
+
+def lock(study_dir: str | Path) -> FileLock:
+    """Take the study folder's lock, or raise a ValueError naming the folder if another driver holds it."""
+    lk = FileLock(str(Path(study_dir) / ".lock"))
+    try:
+        lk.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(f"study folder {study_dir} is in use by another abd-ray process; wait for it to end or "
+                         "stop it, then run `abd-ray resume` on the folder") from None
+    return lk
+
+
+def _spec_from_state(study_dir: Path, state: dict[str, Any]) -> StudySpec:
+    spec = load_spec(study_dir / SPEC_COPY)
+    spec = dataclasses.replace(spec, name=state["name"])
+    return spec.with_smoke() if state.get("smoke") else spec
+
+
+# --- launch / resume ---------------------------------------------------------------------------------------------------
+
+
+def launch(
+    spec_path: str | os.PathLike,
+    *,
+    storage: str | None = None,
+    name: str | None = None,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    smoke: bool = False,
+    cache_dir: str | None = None,
+    echo: Echo = _echo,
+) -> tuple[Path, bool]:
+    """Validate a study file, create its study folder, and run the study.
+
+    Returns:
+        The study folder and whether every trial ended (False: interrupted, resume it).
+
+    Raises:
+        ValueError: a bad study file, or a folder that already holds the study (pointing to ``abd-ray resume``).
+    """
+    from abd_ray.study.spec import STUDY_NAME_RE
+    from abd_ray.tracking import resolve_tracking_uri
+
+    spec = load_spec(spec_path)
+    if name is not None:
+        if not STUDY_NAME_RE.match(name) or ".." in name:
+            raise ValueError(f"--name {name!r} is not a valid study name; use letters, digits, '-', '_', '.'")
+        spec = dataclasses.replace(spec, name=name)
+    if smoke:
+        spec = spec.with_smoke()
+    uri = resolve_tracking_uri(tracking_uri)
+    storage = storage or os.environ.get("ABD_RAY_STORAGE") or DEFAULT_STORAGE
+    if _is_uri(storage):
+        study_dir = Path(DEFAULT_STORAGE).resolve() / spec.name
+        tune_storage = f"{storage.rstrip('/')}/{spec.name}"
+    else:
+        study_dir = Path(storage).expanduser().resolve() / spec.name
+        tune_storage = str(study_dir)
+    if (study_dir / STATE).exists():
+        raise ValueError(f"study folder {study_dir} already holds study {spec.name!r}; continue it with "
+                         f"`abd-ray resume {study_dir}`, or start a new one with --name")
+    if study_dir.exists() and any(study_dir.iterdir()):
+        raise ValueError(f"folder {study_dir} exists and is not empty; pick another --name or --storage")
+    cache = cache_dir or spec.cache_dir or os.environ.get("ABD_RAY_CACHE") or ".abd_ray/cache"
+    data_root = spec.data_root or os.environ.get("ABD_RAY_DATA")
+    if spec.dataset != "digits":
+        # Fail before any compute when the data is not there (the loader names the missing files).
+        from abd_ray.data import load_dataset
+
+        load_dataset(spec.dataset, data_root)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    lk = lock(study_dir)
+    try:
+        (study_dir / SPEC_COPY).write_text(spec.source)
+        state = {
+            "format": "abd-ray-study/1",
+            "name": spec.name,
+            "created": _now(),
+            "status": "created",
+            "smoke": smoke,
+            "spec_file": str(Path(spec_path).resolve()),
+            "storage": tune_storage,
+            "tracking_uri": uri,
+            "cache_dir": cache if _is_uri(cache) else str(Path(cache).expanduser().resolve()),
+            "data_root": str(Path(data_root).expanduser().resolve()) if data_root else None,
+            "planned_trials": spec.planned_trials(),
+            "attempts": 0,
+        }
+        write_state(study_dir, state)
+        echo(f"study {spec.name}: {state['planned_trials']} trials; folder {study_dir}")
+        return study_dir, _drive(study_dir, spec, state, address, echo)
+    finally:
+        lk.release()
+
+
+def resume(
+    study_dir: str | os.PathLike,
+    *,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    echo: Echo = _echo,
+) -> tuple[Path, bool]:
+    """Continue an interrupted study: finished trials are kept, unfinished ones restart from their checkpoints."""
+    from abd_ray.tracking import resolve_tracking_uri
+
+    study_dir = Path(study_dir).expanduser().resolve()
+    state = read_state(study_dir)
+    lk = lock(study_dir)
+    try:
+        if tracking_uri is not None:
+            state["tracking_uri"] = resolve_tracking_uri(tracking_uri)
+        spec = _spec_from_state(study_dir, state)
+        echo(f"resuming study {spec.name} in {study_dir}")
+        return study_dir, _drive(study_dir, spec, state, address, echo)
+    finally:
+        lk.release()
+
+
+# --- the drive ---------------------------------------------------------------------------------------------------------
+
+
+def _ray_init(address: str | None) -> bool:
+    """Start Ray in-process (all local CPUs and GPUs) or join ``address``; returns whether we started it.
+
+    Ray's token authentication is left as Ray sets it (on).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kw: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
+    if address:
+        kw["address"] = address
+    elif not os.environ.get("RAY_ADDRESS"):
+        kw["include_dashboard"] = False  # two cores: the dashboard's processes would compete with the trials
+    ray.init(**kw)
+    return True
+
+
+def _tracking_setup(spec: StudySpec, state: dict[str, Any], study_dir: Path) -> None:
+    from abd_ray.tracking import Tracker
+
+    t = Tracker(state["tracking_uri"])
+    exp_id = t.experiment(spec.name)
+    state["mlflow_experiment_id"] = exp_id
+    if not state.get("parent_run_id"):
+        params = {"study.name": spec.name, "study.mode": spec.mode, "study.dataset": spec.dataset,
+                  "study.attacks": ",".join(spec.attacks), "study.synthesizers": ",".join(spec.synthesizers),
+                  "study.defenses": ",".join(spec.defenses), "study.seeds": ",".join(map(str, spec.seeds)),
+                  "study.planned_trials": state["planned_trials"], "study.smoke": state.get("smoke", False),
+                  "study.budget": json.dumps(spec.budget, sort_keys=True)}
+        if spec.search is not None:
+            params.update({"search.defense": spec.search.defense, "search.sampler": spec.search.sampler,
+                           "search.num_samples": spec.search.num_samples,
+                           "search.space": json.dumps({p.name: p.to_dict() for p in spec.search.space})})
+        state["parent_run_id"] = t.start_parent(exp_id, spec.name, params, {"abd_ray.study_dir": str(study_dir)})
+        t.log_artifact(state["parent_run_id"], study_dir / SPEC_COPY)
+    elif t.status(state["parent_run_id"]) != "RUNNING":
+        t.set_status(state["parent_run_id"], "RUNNING")
+    write_state(study_dir, state)
+
+
+def _teacher_task(spec_dict: dict[str, Any], cache_dir: str, data_root: str | None) -> dict[str, Any]:
+    """A Ray task: the teacher of ``spec_dict`` from the cache, or trained once into it."""
+    import ray
+
+    from abd_ray.config import TeacherSpec
+    from abd_ray.engine.teacher import get_teacher
+
+    t = get_teacher(TeacherSpec.from_dict(spec_dict), cache_dir, data_root, "auto", progress=False)
+    return {"path": str(t.path), "metrics": t.metrics, "cached": t.cached, "key": t.meta.get("key"),
+            "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def train_teachers(spec: StudySpec, state: dict[str, Any], echo: Echo) -> dict[str, dict[str, Any]]:
+    """The teacher stage: each distinct teacher of the study as one Ray task (a GPU where the cluster has one)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    task = ray.remote(_teacher_task).options(num_cpus=spec.cpu if not gpus else 1, num_gpus=1 if gpus else 0,
+                                             max_retries=2)
+    specs = {a: spec.teacher_spec_dict(a) for a in spec.attacks}
+    refs = {a: task.remote(s, state["cache_dir"], state.get("data_root")) for a, s in specs.items()}
+    echo(f"teacher stage: {len(refs)} teacher(s) ({'GPU' if gpus else 'CPU'})")
+    out = {}
+    for a, ref in refs.items():
+        info = ray.get(ref)
+        m = info["metrics"]
+        echo(f"  {a:<12} clean_acc {m['clean_acc']:6.2f}  asr {m.get('asr', float('nan')):6.2f}  "
+             f"{'cached' if info['cached'] else 'trained'}  {info['path']}")
+        out[a] = info
+    return out
+
+
+def plan(spec: StudySpec, state: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The fixed trials' configs and, per search cell, the constants of its search trials."""
+    teachers = state["teachers"]
+
+    def finish(flat: dict[str, Any]) -> dict[str, Any]:
+        flat["teacher_file"] = teachers[flat["attack.name"]]["path"]
+        flat["cache_dir"] = state["cache_dir"]
+        flat["data_root"] = state.get("data_root")
+        return flat
+
+    fixed = [finish(c) for c in spec.grid_configs()]
+    cells = {}
+    if spec.search is not None:
+        for attack, synth in spec.search_cells():
+            base = finish(spec.base_config(attack, synth, spec.search.defense, spec.seeds[0], "search"))
+            base.update({f"defense.{k}": v for k, v in spec.search.fixed.items()})
+            cells[f"{attack}/{synth}"] = base
+    return fixed, cells
+
+
+def optuna_names(spec: StudySpec) -> list[str]:
+    from abd_ray.study.search import optuna_study_name
+
+    return [optuna_study_name(spec.name, f"{a}/{s}") for a, s in spec.search_cells()]
+
+
+def _trainable(spec: StudySpec):
+    import ray
+    from ray import tune
+
+    from abd_ray.study.trainable import train_trial
+
+    gpu = spec.gpu
+    if gpu > 0 and ray.cluster_resources().get("GPU", 0) == 0:
+        log.warning("resources.gpu=%s but the cluster has no GPU: trials run on CPU", gpu)
+        gpu = 0
+    return tune.with_resources(train_trial, {"cpu": spec.cpu, "gpu": gpu})
+
+
+def _tuner(spec: StudySpec, state: dict[str, Any], study_dir: Path, echo: Echo):
+    from ray import tune
+
+    from abd_ray.study.callbacks import MLflowTrialCallback
+    from abd_ray.study.search import StudySearcher, cell_searchers, delete_studies
+    from abd_ray.study.trainable import trial_dirname
+
+    trainable = _trainable(spec)
+    path = experiment_path(state)
+    if tune.Tuner.can_restore(path):
+        echo(f"restoring the Tune experiment {path}")
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False)
+    fixed, cells = plan(spec, state)
+    if cells:
+        delete_studies(str(study_dir), optuna_names(spec))
+        searchers = cell_searchers(spec, str(study_dir), cells)
+    else:
+        searchers = {}
+    searcher = StudySearcher(fixed, searchers, spec.search.num_samples if spec.search else 0)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=state["planned_trials"],
+            # Required with a custom searcher: without it Tune keeps a single trial pending at a time.
+            max_concurrent_trials=spec.max_concurrent,
+            reuse_actors=False,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=state["storage"],
+            callbacks=[MLflowTrialCallback(str(study_dir))],
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=1,
+        ),
+    )
+
+
+def tune_trials(path: str) -> list[dict[str, Any]]:
+    """Every trial of a Tune experiment: id, status, config, last result, error (read without Ray running)."""
+    from ray.tune import ExperimentAnalysis
+
+    ea = ExperimentAnalysis(path)
+    out = []
+    for t in ea.trials:
+        err = None
+        if t.status == "ERROR":
+            ef = getattr(t, "error_file", None)
+            try:
+                err = Path(ef).read_text().strip().splitlines()[-1] if ef and Path(ef).exists() else "error"
+            except OSError:
+                err = "error"
+        out.append({"trial_id": t.trial_id, "status": t.status, "config": dict(t.config),
+                    "last_result": dict(t.last_result or {}), "error": err, "path": t.path})
+    return out
+
+
+def reconcile(spec: StudySpec, state: dict[str, Any], study_dir: Path, trials: list[dict[str, Any]],
+              finished: bool) -> dict[str, int]:
+    """Make MLflow and Optuna agree with Tune once the experiment has stopped.
+
+    - finished: Optuna trials still RUNNING (asked by a killed driver, never saved by Tune) become FAIL; MLflow
+      child runs of trials Tune does not know become KILLED and are deleted; a terminated trial's run is FINISHED
+      (FAILED for an errored one); the parent run is FINISHED.
+    - interrupted: runs of unfinished trials and the parent become KILLED, until ``abd-ray resume`` reopens them.
+    """
+    from abd_ray.study.search import close_orphans
+    from abd_ray.tracking import ORPHAN_TAG, Tracker
+
+    t = Tracker(state["tracking_uri"])
+    by_id = {tr["trial_id"]: tr for tr in trials}
+    fixes = {"optuna_orphans": 0, "mlflow_orphans": 0, "mlflow_fixed": 0}
+    seen: set[str] = set()
+    for run in t.child_runs(state["mlflow_experiment_id"], state["parent_run_id"]):
+        tr = by_id.get(run["trial_id"])
+        if tr is None or run["trial_id"] in seen:
+            if finished:
+                t.set_tags(run["run_id"], {ORPHAN_TAG: "true"})
+                t.set_status(run["run_id"], "KILLED")
+                t.delete(run["run_id"])
+                fixes["mlflow_orphans"] += 1
+            continue
+        seen.add(run["trial_id"])
+        want = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}.get(tr["status"], "KILLED")
+        if want == "FINISHED" and not tr["last_result"].get("final"):
+            want = "FAILED"
+        if run["status"] != want and (finished or run["status"] == "RUNNING"):
+            t.set_status(run["run_id"], want)
+            fixes["mlflow_fixed"] += 1
+    if finished and spec.search is not None:
+        fixes["optuna_orphans"] = close_orphans(str(study_dir), optuna_names(spec))
+    t.set_status(state["parent_run_id"], "FINISHED" if finished else "KILLED")
+    return fixes
+
+
+def _drive(study_dir: Path, spec: StudySpec, state: dict[str, Any], address: str | None, echo: Echo) -> bool:
+    import ray
+
+    state["attempts"] = int(state.get("attempts", 0)) + 1
+    state["status"] = "running"
+    _tracking_setup(spec, state, study_dir)
+    started = _ray_init(address)
+    finished = False
+    try:
+        state["teachers"] = train_teachers(spec, state, echo)
+        write_state(study_dir, state)
+        tuner = _tuner(spec, state, study_dir, echo)
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            echo("interrupted")
+        trials = tune_trials(experiment_path(state))
+        done = [tr for tr in trials if tr["status"] in TERMINAL]
+        finished = len(done) >= state["planned_trials"] and len(done) == len(trials)
+        fixes = reconcile(spec, state, study_dir, trials, finished)
+        state["status"] = "finished" if finished else "interrupted"
+        state["reconciled"] = fixes
+        state["updated"] = _now()
+        write_state(study_dir, state)
+    finally:
+        if started:
+            ray.shutdown()
+    if finished:
+        errors = sum(tr["status"] == "ERROR" for tr in trials)
+        echo(f"study {spec.name}: {len(done)} trials finished ({errors} failed); folder {study_dir}")
+    else:
+        echo(f"study {spec.name} stopped before every trial ended; continue it with: abd-ray resume {study_dir}")
+    return finished
+

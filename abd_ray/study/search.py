@@ -1,0 +1,230 @@
+"""Search spaces and the study's searcher.
+
+One Tune experiment runs a whole study, so that every trial shares one pool of workers, one progress table and
+one restore. Its searcher, :class:`StudySearcher`, hands out the study's fixed trials first (the grid, e.g. the
+undefended baselines), then asks one Ray ``OptunaSearch`` per attack x synthesizer cell, each with its own Optuna
+study in the study folder's ``optuna.db``: multi-objective, ``clean_acc`` maximised and ``asr`` minimised.
+
+Kept in a package module (not a script) because Tune pickles the searcher into the experiment, and a restore
+must import it again.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import optuna
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from abd_ray.study.spec import Param, SearchSpec, StudySpec
+
+METRICS = ["clean_acc", "asr"]
+MODES = ["max", "min"]
+
+
+class SearchSpace:
+    """A define-by-run search space over one defense's hyperparameters (no computation in it).
+
+    Called with an Optuna trial, it suggests every searched hyperparameter as ``defense.<name>`` and returns the
+    rest of the trial's flat config as constants, which ``OptunaSearch`` merges into the config.
+
+    Args:
+        params: the searched hyperparameters.
+        constants: the flat config every trial of the cell shares (including fixed defense values).
+    """
+
+    def __init__(self, params: tuple[Param, ...], constants: dict[str, Any]) -> None:
+        self.params = params
+        self.constants = constants
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        for p in self.params:
+            key = f"defense.{p.name}"
+            if p.choices is not None:
+                trial.suggest_categorical(key, list(p.choices))
+            elif p.is_int:
+                trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+            else:
+                trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
+        return dict(self.constants)
+
+
+def make_sampler(search: SearchSpec) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler named by the study file.
+
+    TPE is made multivariate (the defense's hyperparameters interact); NSGA-II gets a small population, since its
+    default of 50 would spend a whole small budget on random initial trials.
+    """
+    if search.sampler == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, seed=search.seed)
+    if search.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=search.population_size, seed=search.seed)
+    if search.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=search.seed)
+    if search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=search.seed)
+    raise ValueError(f"unknown sampler {search.sampler!r}; allowed: tpe, nsga2, gp, random")
+
+
+def optuna_storage_url(study_dir: str) -> str:
+    return f"sqlite:///{study_dir}/optuna.db"
+
+
+def optuna_study_name(study: str, cell: str) -> str:
+    return f"{study}:{cell}"
+
+
+def default_point(spec: SearchSpec) -> dict[str, Any]:
+    """The searched hyperparameters at the defense's defaults (the first point of a cell's search)."""
+    from abd_ray.registry import DEFENSES, load_all
+
+    load_all()
+    defaults = getattr(DEFENSES.get(spec.defense), "defaults", {})
+    out = {}
+    for p in spec.space:
+        d = defaults.get(p.name)
+        numeric = isinstance(d, (int, float)) and not isinstance(d, bool)
+        # A symbolic default ("auto") outside a numeric range is left to the sampler rather than forced in.
+        if p.name in defaults and ((p.choices is not None and d in p.choices) or (p.choices is None and numeric)):
+            out[f"defense.{p.name}"] = d
+    return out
+
+
+def cell_searchers(spec: StudySpec, study_dir: str, constants: dict[str, dict[str, Any]]) -> dict[str, OptunaSearch]:
+    """One OptunaSearch per search cell, each with its own study in ``optuna.db``.
+
+    Args:
+        spec: the study.
+        study_dir: the study folder (local path).
+        constants: per cell (``attack/synth``), the flat config shared by its trials.
+    """
+    assert spec.search is not None
+    storage = optuna.storages.RDBStorage(optuna_storage_url(study_dir))
+    out = {}
+    for cell, const in constants.items():
+        points = [default_point(spec.search)] if spec.search.include_defaults else None
+        out[cell] = OptunaSearch(
+            space=SearchSpace(spec.search.space, const),
+            metric=list(METRICS),
+            mode=list(MODES),
+            points_to_evaluate=points if points and points[0] else None,
+            sampler=make_sampler(spec.search),
+            study_name=optuna_study_name(spec.name, cell),
+            storage=storage,
+        )
+    return out
+
+
+class StudySearcher(Searcher):
+    """The fixed trials of a study first, then each cell's Optuna search until it has its ``num_samples``.
+
+    Args:
+        fixed: flat configs of the fixed (grid) trials.
+        cells: OptunaSearch per cell.
+        num_samples: search trials per cell.
+    """
+
+    def __init__(self, fixed: list[dict[str, Any]], cells: dict[str, OptunaSearch], num_samples: int) -> None:
+        super().__init__(metric=None, mode=None)
+        self.fixed = list(fixed)
+        self.cells = cells
+        self.num_samples = num_samples
+        self.next_fixed = 0
+        self.issued = {c: 0 for c in cells}
+        self.owner: dict[str, str | None] = {}  # trial id -> cell (None: a fixed trial)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        # The objectives live on the per-cell searchers; Tune's single metric/mode is not used.
+        return True
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if trial_id in self.owner:  # Tune asking again for a trial it already has a config for
+            return None
+        if self.next_fixed < len(self.fixed):
+            cfg = dict(self.fixed[self.next_fixed])
+            self.next_fixed += 1
+            self.owner[trial_id] = None
+            return cfg
+        # Round-robin over cells, so every cell's search advances while trials run in parallel.
+        pending = sorted((n, c) for c, n in self.issued.items() if n < self.num_samples)
+        if not pending:
+            return Searcher.FINISHED
+        cell = pending[0][1]
+        cfg = self.cells[cell].suggest(trial_id)
+        if cfg is None:
+            return None
+        self.issued[cell] += 1
+        self.owner[trial_id] = cell
+        return cfg
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # Multi-objective Optuna takes no intermediate values, and no pruner runs here (a trial stopped early would
+        # be recorded with partial values and pollute the Pareto front).
+        return None
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        cell = self.owner.get(trial_id)
+        if cell is None:
+            return
+        ok = (not error and result is not None and all(isinstance(result.get(m), (int, float)) for m in METRICS)
+              and result.get("final"))
+        # A failed trial is told as FAIL, not as COMPLETE with the values of its last evaluation.
+        self.cells[cell].on_trial_complete(trial_id, result if ok else None, error=not ok)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+def close_orphans(study_dir: str, study_names: list[str]) -> int:
+    """Mark trials still RUNNING in the cells' Optuna studies as FAIL; returns how many.
+
+    Called only once every Tune trial has ended: an Optuna trial still RUNNING then belongs to a driver that was
+    killed after asking Optuna but before Tune saved that trial, and the restored searcher asked again instead.
+    """
+    storage = optuna.storages.RDBStorage(optuna_storage_url(study_dir))
+    n = 0
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    for name in study_names:
+        if name not in existing:
+            continue
+        study = optuna.load_study(study_name=name, storage=storage)
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.set_user_attr(f"orphan_{t.number}", "RUNNING when its driver was killed; closed as FAIL")
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            n += 1
+    return n
+
+
+def delete_studies(study_dir: str, study_names: list[str]) -> None:
+    """Remove the cells' Optuna studies (before a fresh Tune experiment, so it never appends to old ones)."""
+    storage = optuna.storages.RDBStorage(optuna_storage_url(study_dir))
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    for name in study_names:
+        if name in existing:
+            optuna.delete_study(study_name=name, storage=storage)
+
+
+def optuna_counts(study_dir: str, study_names: list[str]) -> dict[str, dict[str, int]]:
+    """Trials per state of each cell's Optuna study."""
+    import os
+
+    if not os.path.exists(os.path.join(study_dir, "optuna.db")):
+        return {}
+    storage = optuna.storages.RDBStorage(optuna_storage_url(study_dir))
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    out = {}
+    for name in study_names:
+        if name not in existing:
+            continue
+        counts: dict[str, int] = {}
+        for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        out[name] = counts
+    return out

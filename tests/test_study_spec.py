@@ -1,0 +1,181 @@
+"""Study files: validation errors (before Ray starts), planning, search spaces, Pareto fronts and report pieces."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from abd_ray.study.report import fmt_ms, mean_std, pareto_front, recommend
+from abd_ray.study.spec import StudySpec, StudySpecError, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "name": "t",
+    "mode": "search",
+    "dataset": "digits",
+    "attacks": ["badnet_grid"],
+    "synthesizers": ["zskt"],
+    "defenses": ["none"],
+    "seeds": [0],
+    "budget": {"steps": 10, "eval_every": 5},
+    "search": {"defense": "abd", "sampler": "tpe", "num_samples": 3,
+               "space": {"coef": {"low": 0.1, "high": 1.0, "log": True}, "inner_round": {"low": 2, "high": 5}}},
+}
+
+
+def _with(path: str, value, base=None) -> dict:
+    """A copy of BASE with ``path`` (dotted) set to ``value`` (``...`` deletes it)."""
+    import copy
+
+    d = copy.deepcopy(base or BASE)
+    keys = path.split(".")
+    cur = d
+    for k in keys[:-1]:
+        cur = cur.setdefault(k, {})
+    if value is ...:
+        cur.pop(keys[-1], None)
+    else:
+        cur[keys[-1]] = value
+    return d
+
+
+def test_base_is_valid():
+    spec = StudySpec.from_dict(BASE)
+    assert spec.planned_trials() == 1 + 3
+    assert spec.search.space[1].is_int
+    (cfg,) = spec.grid_configs()
+    assert cfg["defense"] == "none" and cfg["study.kind"] == "grid" and cfg["steps"] == 10
+
+
+@pytest.mark.parametrize(
+    "path,value,needle",
+    [
+        ("budgt", {"steps": 3}, "budgt: unknown key (did you mean 'budget'?)"),
+        ("budget.stepz", 3, "budget.stepz: unknown key"),
+        ("dataset", "cifar11", "dataset: unknown name 'cifar11'"),
+        ("attacks", ["badnet_grd"], "attacks: unknown name 'badnet_grd'"),
+        ("synthesizers", ["zsk"], "synthesizers: unknown name 'zsk'"),
+        ("defenses", ["abdd"], "defenses: unknown name 'abdd'"),
+        ("attacks", [], "attacks: is empty"),
+        ("synthesizers", [], "synthesizers: is empty"),
+        ("seeds", [], "seeds: must be a non-empty list"),
+        ("search.space.coef", {"low": 1.0, "high": 0.1}, "inverted range"),
+        ("search.space.inner_round", {"low": 9, "high": 2}, "inverted range"),
+        ("search.sampler", "cmaes", "search.sampler: unknown sampler 'cmaes'"),
+        ("resources", {"gpu": -0.5}, "resources.gpu: must be >= 0"),
+        ("resources", {"cpu": 0}, "resources.cpu: must be > 0"),
+        ("search.space.bogus", {"low": 0, "high": 1}, "search.space.bogus: unknown key"),
+        ("search.space.coef", {"low": 0.0, "high": 1.0, "log": True}, "log range needs low > 0"),
+        ("search.space.pert_model", {"choices": []}, "must be a non-empty list"),
+        ("search.defense", "none", "search.defense: 'none' cannot be searched"),
+        ("mode", "bayes", "mode: unknown mode 'bayes'"),
+        ("name", "../escape", "not a valid study name"),
+        ("budget.eval_every", 50, "the run would never be evaluated"),
+        ("max_concurrent", 0, "max_concurrent: must be >= 1"),
+        ("teacher.arch", "wrn99", "teacher.arch: unknown model 'wrn99'"),
+        ("attack.target", 10, "attack.target: 10 is not a class"),
+        ("search.num_samples", 0, "search.num_samples: must be >= 1"),
+        ("search", ..., "search: is missing"),
+        ("defense_params", {"abd": {"cof": 1}}, "defense_params.abd.cof: unknown key (did you mean 'coef'?)"),
+    ],
+)
+def test_bad_study_files_name_the_key(path, value, needle):
+    with pytest.raises(StudySpecError) as e:
+        StudySpec.from_dict(_with(path, value))
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_grid_mode_rejects_search_and_empty_defenses():
+    with pytest.raises(StudySpecError, match="only allowed with mode: search"):
+        StudySpec.from_dict(_with("mode", "grid"))
+    grid = _with("search", ..., _with("mode", "grid"))
+    with pytest.raises(StudySpecError, match="defenses: is empty"):
+        StudySpec.from_dict(_with("defenses", [], grid))
+
+
+def test_exclude_and_grid_product():
+    d = _with("search", ..., _with("mode", "grid"))
+    d.update(attacks=["badnet_grid", "blend"], synthesizers=["zskt", "clean"], defenses=["none", "abd"],
+             seeds=[0, 1], exclude=[{"synthesizer": "clean", "defense": "abd"}])
+    spec = StudySpec.from_dict(d)
+    # 2 attacks x (zskt: none, abd; clean: none) x 2 seeds
+    assert spec.planned_trials() == 2 * 3 * 2
+    assert not any(c["synthesizer"] == "clean" and c["defense"] == "abd" for c in spec.grid_configs())
+    with pytest.raises(StudySpecError, match="exclude\\[0\\].defence: unknown key"):
+        StudySpec.from_dict({**d, "exclude": [{"defence": "abd"}]})
+
+
+def test_smoke_shrinks_budgets():
+    spec = StudySpec.from_dict({**BASE, "seeds": [0, 1, 2], "budget": {"steps": 1000, "eval_every": 100}})
+    s = spec.with_smoke()
+    assert s.budget["steps"] == 40 and s.budget["eval_every"] == 20 and s.seeds == (0,)
+    assert s.search.num_samples == 2 and s.teacher["epochs"] == 3
+
+
+def test_yaml_is_read_safely(tmp_path):
+    f = tmp_path / "evil.yaml"
+    f.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(StudySpecError, match="not valid YAML"):
+        load_spec(f)
+    with pytest.raises(StudySpecError, match="does not exist"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_study_files_validate(path):
+    spec = load_spec(path)
+    assert spec.planned_trials() > 0
+    assert yaml.safe_load(path.read_text())["name"] == spec.name
+
+
+def test_paper_study_plans_the_paper_table():
+    spec = load_spec(ROOT / "studies" / "paper-zskt-cifar10.yaml")
+    assert len(spec.attacks) == 10 and spec.seeds == (0, 1, 2)
+    # ten triggers x (zskt: none, abd; clean KD: none) x three seeds
+    assert spec.planned_trials() == 10 * 3 * 3
+    assert spec.budget["steps"] == 80000 and spec.teacher.get("arch") in (None, "wrn16_2")
+
+
+def test_search_space_and_samplers():
+    optuna = pytest.importorskip("optuna")
+    from abd_ray.study.search import SearchSpace, default_point, make_sampler
+
+    spec = StudySpec.from_dict(_with("search.space.pert_model", {"choices": ["student", "teacher"]}))
+    space = SearchSpace(spec.search.space, {"defense": "abd"})
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    trial = study.ask()
+    const = space(trial)
+    assert const == {"defense": "abd"}
+    assert set(trial.params) == {"defense.coef", "defense.inner_round", "defense.pert_model"}
+    assert 0.1 <= trial.params["defense.coef"] <= 1.0 and isinstance(trial.params["defense.inner_round"], int)
+    assert default_point(spec.search)["defense.pert_model"] == "student"
+    for name, cls in [("tpe", "TPESampler"), ("nsga2", "NSGAIISampler"), ("gp", "GPSampler"),
+                      ("random", "RandomSampler")]:
+        import dataclasses
+
+        assert type(make_sampler(dataclasses.replace(spec.search, sampler=name))).__name__ == cls
+    tpe = make_sampler(spec.search)
+    assert tpe._multivariate
+
+
+def test_pareto_front_and_recommendation():
+    pts = [
+        {"id": "a", "clean_acc": 90.0, "asr": 95.0, "defense": "none"},
+        {"id": "b", "clean_acc": 88.0, "asr": 10.0, "defense": "abd"},
+        {"id": "c", "clean_acc": 80.0, "asr": 2.0, "defense": "abd"},
+        {"id": "d", "clean_acc": 85.0, "asr": 12.0, "defense": "abd"},  # dominated by b
+        {"id": "e", "clean_acc": float("nan"), "asr": 1.0, "defense": "abd"},  # never finished
+    ]
+    front = pareto_front(pts)
+    assert [p["id"] for p in front] == ["c", "b", "a"]
+    assert recommend(pts, 90.0, 5.0)["id"] == "b"
+    assert recommend(pts, 90.0, 15.0)["id"] == "c"
+    assert recommend(pts, 90.0, 1.0) is None
+    m, s = mean_std([1.0, 3.0])
+    assert m == 2.0 and math.isclose(s, math.sqrt(2))
+    assert fmt_ms(m, s, 2) == "2.0±1.4" and fmt_ms(float("nan"), 0, 0) == "-"
