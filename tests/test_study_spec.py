@@ -23,7 +23,7 @@ BASE = {
     "seeds": [0],
     "budget": {"steps": 10, "eval_every": 5},
     "search": {"defense": "abd", "sampler": "tpe", "num_samples": 3,
-               "space": {"coef": {"low": 0.1, "high": 1.0, "log": True}, "inner_round": {"low": 2, "high": 5}}},
+               "space": {"coef": {"low": 0.1, "high": 1.0, "log": True}, "inner_round": {"low": 2, "high": 10}}},
 }
 
 
@@ -79,6 +79,7 @@ def test_base_is_valid():
         ("teacher.arch", "wrn99", "teacher.arch: unknown model 'wrn99'"),
         ("attack.target", 10, "attack.target: 10 is not a class"),
         ("search.num_samples", 0, "search.num_samples: must be >= 1"),
+        ("search.space.inner_round", {"low": 1, "high": 2}, "excludes the default 10"),
         ("search", ..., "search: is missing"),
         ("defense_params", {"abd": {"cof": 1}}, "defense_params.abd.cof: unknown key (did you mean 'coef'?)"),
     ],

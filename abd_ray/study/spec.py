@@ -537,6 +537,10 @@ class _Validator:
                 if p.choices is not None and d not in p.choices:
                     raise self.fail(f"search.space.{p.name}.choices", f"{list(p.choices)} lacks the default {d!r}; "
                                     "add it, or set search.include_defaults: false")
+                numeric = isinstance(d, (int, float)) and not isinstance(d, bool)
+                if p.choices is None and numeric and not p.low <= d <= p.high:
+                    raise self.fail(f"search.space.{p.name}", f"range {p.low:g}..{p.high:g} excludes the default "
+                                    f"{d!r}; widen it, or set search.include_defaults: false")
         return SearchSpec(defense=defense, sampler=sampler, num_samples=num_samples, seed=seed,
                           include_defaults=include, population_size=pop, space=tuple(params), fixed=fixed)
 

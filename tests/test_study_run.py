@@ -1,0 +1,251 @@
+"""Real studies on the real stack (Ray Tune, Optuna, MLflow on SQLite), with tiny budgets.
+
+- a study end to end: Tune, Optuna and MLflow agree on the trials, each metric step is logged once, artifacts and
+  the report are written, and a second ``abd-ray study`` on the folder refuses and points to ``resume``;
+- a driver SIGKILLed in the middle of a trial, then ``abd-ray resume``: every trial finishes once, nothing is left
+  RUNNING, no step is logged twice;
+- two Ray nodes on this machine (``ray.cluster_utils.Cluster``): trials on both, one node removed mid-trial, the
+  trial restarts from its checkpoint on the other node and the study completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+STUDY = {
+    "name": "tiny",
+    "mode": "search",
+    "dataset": "digits",
+    "attacks": ["badnet_grid"],
+    "synthesizers": ["zskt"],
+    "synth": {"zskt": {"n_s": 1}},
+    "defenses": ["none"],
+    "seeds": [0],
+    "teacher": {"epochs": 2},
+    "budget": {"steps": 12, "eval_every": 4, "batch_size": 32},
+    "resources": {"cpu": 1},
+    "max_concurrent": 2,
+    "max_failures": 2,
+    "search": {"defense": "abd", "sampler": "tpe", "num_samples": 2, "seed": 0,
+               "space": {"coef": {"low": 0.1, "high": 1.0, "log": True}, "hg_out_portion": {"low": 0.01, "high": 0.1}}},
+}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    """One teacher cache for the module: the tiny teacher is trained by the first study, reused after."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def write_study(tmp_path: Path, **over) -> Path:
+    d = json.loads(json.dumps(STUDY))
+    d.update(over)
+    f = tmp_path / f"{d['name']}.yaml"
+    f.write_text(yaml.safe_dump(d))
+    return f
+
+
+def agreement(study_dir: Path) -> dict:
+    """The counts that must agree, read back from Tune's files, optuna.db and the MLflow database."""
+    from abd_ray.study.report import build_report
+    from abd_ray.tracking import Tracker
+
+    rep = build_report(study_dir)
+    st = json.loads((study_dir / "study.json").read_text())
+    t = Tracker(st["tracking_uri"])
+    runs = t.child_runs(st["mlflow_experiment_id"], st["parent_run_id"])
+    steps = {r["trial_id"]: t.logged_steps(r["run_id"], "clean_acc") for r in runs}
+    return {"report": rep, "counts": rep["counts"], "runs": runs, "steps": steps, "tracker": t, "state": st}
+
+
+def check_agreement(study_dir: Path, planned: int, search: int, steps: int = 12) -> dict:
+    a = agreement(study_dir)
+    c = a["counts"]
+    assert c["planned"] == planned
+    assert c["tune"] == {"TERMINATED": planned}, c
+    assert c["optuna_total"] == {"COMPLETE": search}, c  # nothing RUNNING, nothing FAIL
+    assert c["mlflow"]["children"] == {"FINISHED": planned}, c
+    assert c["mlflow"]["parent_status"] == "FINISHED"
+    trial_ids = {r["trial_id"] for r in a["report"]["trials"]}
+    assert {r["trial_id"] for r in a["runs"]} == trial_ids  # one run per trial, keyed by Tune's trial id
+    for tid, logged in a["steps"].items():
+        assert logged == sorted(set(logged)), f"trial {tid} logged a step twice: {logged}"
+        assert logged[-1] == steps
+    return a
+
+
+def test_study_end_to_end(tmp_path, cache, capsys):
+    from abd_ray.cli import main
+    from abd_ray.study.runner import launch
+
+    f = write_study(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study_dir, finished = launch(f, storage=str(tmp_path / "runs"), tracking_uri=uri, cache_dir=cache)
+    assert finished
+    a = check_agreement(study_dir, planned=3, search=2)
+    assert a["steps"] and all(s == [4, 8, 12] for s in a["steps"].values())
+    run = a["runs"][0]
+    arts = set(a["tracker"].artifacts(run["run_id"]))
+    assert {"samples.png", "trigger.png", "student.safetensors", "study.yaml"} <= arts
+    params = a["tracker"].client.get_run(run["run_id"]).data.params
+    assert params["synthesizer"] == "zskt" and params["study.cell"] == "badnet_grid/zskt" and "teacher_file" in params
+    tags = a["tracker"].client.get_run(run["run_id"]).data.tags
+    assert tags["mlflow.parentRunId"] == a["state"]["parent_run_id"]
+    hist = a["tracker"].client.get_metric_history(run["run_id"], "asr")
+    assert [m.step for m in hist] == [4, 8, 12]
+
+    # The report: per-cell Pareto front, paper-style table, der, recommendation; files in the study folder.
+    rep = a["report"]
+    assert rep["table"][0]["defense"] == "none" and rep["table"][0]["n"] == 1
+    assert len(rep["der"]) == 2 and all(0.0 <= d["der"] <= 1.0 for d in rep["der"])
+    assert rep["pareto"]["badnet_grid/zskt"]
+    capsys.readouterr()
+    assert main(["report", str(study_dir), "--json", "--max-acc-drop", "100"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["recommended"]["badnet_grid/zskt"]["defense"] == "abd"
+    for name in ("report.md", "report.json", "trials.csv", "pareto.csv", "table.csv", "der.csv",
+                 "pareto_badnet_grid_zskt.png"):
+        assert (study_dir / "report" / name).stat().st_size > 0, name
+
+    # The folder holds the study: a second `abd-ray study` refuses and points to resume.
+    assert main(["study", str(f), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert "already holds study 'tiny'" in err and "abd-ray resume" in err
+
+
+def test_bad_study_file_fails_before_ray(tmp_path, capsys):
+    from abd_ray.cli import main
+
+    f = write_study(tmp_path, search={**STUDY["search"], "sampler": "hyperband"})
+    assert main(["study", str(f), "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "search.sampler: unknown sampler 'hyperband'" in err and "allowed: tpe, nsga2, gp, random" in err
+    assert not (tmp_path / "runs").exists()  # nothing was created, nothing was started
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "abd_ray.cli", *args]
+
+
+def _trial_dirs(study_dir: Path) -> list[Path]:
+    return sorted((study_dir / "tune").glob("trial_*")) if (study_dir / "tune").exists() else []
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_mid_trial(tmp_path, cache):
+    f = write_study(tmp_path, name="killed", budget={"steps": 40, "eval_every": 4, "batch_size": 32})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    storage = tmp_path / "runs"
+    study_dir = storage / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "first.log", "w")
+    # A session of its own, so that the driver and the Ray processes it started can be killed as one group.
+    p = subprocess.Popen(_cli("study", str(f), "--storage", str(storage), "--tracking-uri", uri, "--cache", cache),
+                         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=tmp_path)
+    deadline = time.time() + 240
+    killed = False
+    try:
+        while time.time() < deadline and p.poll() is None:
+            # Mid-trial: some trial has a checkpoint (an evaluation is done) and none has finished.
+            ckpts = [c for d in _trial_dirs(study_dir) for c in d.glob("checkpoint_*")]
+            finals = [d for d in _trial_dirs(study_dir) for c in d.glob("checkpoint_*") if (c / "final.json").exists()]
+            if ckpts and not finals:
+                os.killpg(p.pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.2)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        log.close()
+    assert killed, (tmp_path / "first.log").read_text()[-3000:]
+    st = json.loads((study_dir / "study.json").read_text())
+    assert st["status"] == "running"  # the driver never got to close anything
+
+    r = subprocess.run(_cli("resume", str(study_dir)), capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=300, start_new_session=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a = check_agreement(study_dir, planned=3, search=2, steps=40)
+    assert json.loads((study_dir / "study.json").read_text())["attempts"] == 2
+    for steps in a["steps"].values():
+        assert steps == [4 * i for i in range(1, 11)]
+
+
+@pytest.mark.slow
+def test_two_nodes_one_removed_mid_trial(tmp_path, cache):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from abd_ray.study.runner import launch
+
+    f = write_study(tmp_path, name="twonodes", mode="grid", search=None, seeds=[0, 1],
+                    budget={"steps": 48, "eval_every": 4, "batch_size": 32})
+    spec = yaml.safe_load(f.read_text())
+    spec.pop("search")
+    f.write_text(yaml.safe_dump(spec))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1)
+    removed: dict = {}
+    study_dir = tmp_path / "runs" / "twonodes"
+
+    def remove_when_busy() -> None:
+        # Remove the worker node once a trial on it has reported (and checkpointed) an evaluation, mid-trial.
+        deadline = time.time() + 240
+        while time.time() < deadline and not removed:
+            for d in _trial_dirs(study_dir):
+                res = d / "result.json"
+                if not res.exists():
+                    continue
+                lines = [json.loads(x) for x in res.read_text().splitlines() if x.strip()]
+                if any(x.get("node_id") == worker.node_id and not x.get("final") for x in lines) and \
+                        not any(x.get("final") for x in lines):
+                    cluster.remove_node(worker, allow_graceful=False)
+                    removed["trial"] = d.name
+                    return
+            time.sleep(0.1)
+
+    try:
+        ray.init(address=cluster.address)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        th = threading.Thread(target=remove_when_busy, daemon=True)
+        th.start()
+        _, finished = launch(f, storage=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                             cache_dir=cache, address=cluster.address)
+        th.join(timeout=5)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert removed, "no trial ran on the worker node"
+    assert finished
+    a = check_agreement(study_dir, planned=2, search=0, steps=48)
+    nodes_seen = set()
+    restarted = None
+    for d in _trial_dirs(study_dir):
+        lines = [json.loads(x) for x in (d / "result.json").read_text().splitlines() if x.strip()]
+        nodes_seen |= {x["node_id"] for x in lines}
+        if d.name == removed["trial"]:
+            restarted = lines
+    assert worker.node_id in nodes_seen and len(nodes_seen) == 2, "trials ran on both nodes"
+    # The trial of the removed node went on from its checkpoint on the other node, and finished there.
+    assert restarted[-1]["final"] and restarted[-1]["node_id"] != worker.node_id
+    assert restarted[-1]["resumed_from"] > 0
+    assert a["steps"] and all(s == [4 * i for i in range(1, 13)] for s in a["steps"].values())
