@@ -1,0 +1,438 @@
+"""The one interface every synthesizer implements, and the pieces several of them share.
+
+A synthesizer turns the teacher (and, for adversarial methods, the student) into batches of inputs for the KD
+loop of :mod:`abd_ray.engine.distill`. One loop step asks :meth:`Synthesizer.batches` for the batches of that
+step; the synthesizer does its own synthesis work (a generator update, an inversion round, a data draw) before
+yielding, and yields one :class:`Batch` per student step. The loop owns the student's optimiser, schedule,
+defense hooks and evaluation, so a defense plugs into every synthesizer in the same way.
+
+Everything a synthesizer draws at random comes from the context's ``torch.Generator`` objects, whose states the
+loop saves, so a resumed run draws what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abd_ray.data import DataBundle
+from abd_ray.losses import batch_channel_stats, bn_statistics_loss, kd_divergence
+
+
+@dataclass
+class SynthContext:
+    """What a synthesizer may use.
+
+    Attributes:
+        teacher: the (eval-mode, frozen) teacher.
+        student: the student being trained (synthesizers only read it, or use it in a generator's loss).
+        data: the dataset (shape, normalisation; ``clean`` also reads its training set).
+        device: where models and data live.
+        total_steps: the run's step count.
+        batch_size: the run's batch size.
+        defense: the run's defense (its ``generator_term`` is added to generator losses).
+        gen: random generator on ``device`` (noise, latents, augmentation).
+        gen_cpu: random generator on the CPU (indices, permutations).
+        amp: use bfloat16 autocast and channels_last (CUDA only).
+    """
+
+    teacher: nn.Module
+    student: nn.Module
+    data: DataBundle
+    device: torch.device
+    total_steps: int
+    batch_size: int
+    defense: Any
+    gen: torch.Generator
+    gen_cpu: torch.Generator
+    amp: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.data.shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast on CUDA when ``amp`` is on; a no-op elsewhere (CPU results stay exact)."""
+        if self.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def teacher_out(self, x: torch.Tensor, features: bool = False):
+        """Teacher logits (float32) on ``x``, and its block outputs when ``features``; no gradient."""
+        with self.autocast():
+            if features:
+                logits, feats = self.teacher(x, return_features=True)
+                return logits.float(), [f.float() for f in feats]
+            return self.teacher(x).float()
+
+    def to_model_format(self, m: nn.Module) -> nn.Module:
+        """Move a new model to the device (channels_last under AMP on CUDA)."""
+        m = m.to(self.device)
+        if self.amp and self.device.type == "cuda":
+            m = m.to(memory_format=torch.channels_last)
+        return m
+
+
+@dataclass
+class Batch:
+    """Inputs for one student step, all detached.
+
+    Attributes:
+        x: inputs in pixel space (N, C, H, W).
+        t_logits: teacher logits on ``x`` (float32).
+        t_feats: the teacher's block outputs, when the synthesizer's student loss needs them.
+    """
+
+    x: torch.Tensor
+    t_logits: torch.Tensor
+    t_feats: list[torch.Tensor] | None = None
+
+
+@dataclass
+class _Mean:
+    """A running mean of scalar losses between two evaluations."""
+
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, v: float) -> None:
+        self.total += float(v)
+        self.count += 1
+
+    def pop(self) -> float | None:
+        if not self.count:
+            return None
+        v = self.total / self.count
+        self.total, self.count = 0.0, 0
+        return v
+
+
+@dataclass
+class _LossLog:
+    means: dict[str, _Mean] = field(default_factory=dict)
+
+    def add(self, name: str, v: float) -> None:
+        self.means.setdefault(name, _Mean()).add(v)
+
+    def pop(self) -> dict[str, float]:
+        out = {k: m.pop() for k, m in self.means.items()}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def state(self) -> dict[str, list[float]]:
+        return {k: [m.total, float(m.count)] for k, m in self.means.items()}
+
+    def load(self, s: dict[str, list[float]]) -> None:
+        self.means = {k: _Mean(float(v[0]), int(v[1])) for k, v in s.items()}
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """Cosine decay from ``base`` at step 0 to 0 at step ``total`` (Loshchilov & Hutter 2017, no restarts)."""
+    if total <= 0:
+        return base
+    return 0.5 * base * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+class Synthesizer:
+    """Base class. Subclasses set ``name``, ``paper``, ``defaults`` and implement :meth:`batches`.
+
+    Hyperparameters every synthesizer has (the student's side of the KD loop):
+        opt_s: ``adam`` or ``sgd`` (momentum 0.9).
+        lr_s: the student's initial learning rate (cosine-decayed over the run).
+        wd_s: the student's weight decay.
+        clip: gradient-norm clip of the student's step, or null for none.
+        T: KD temperature.
+
+    Args:
+        ctx: the run context.
+        params: hyperparameter overrides (``synth.<key>``); unknown keys raise a ValueError.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    # Per-dataset overrides of ``defaults`` (e.g. budgets sized for the 8x8 digits).
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Keys whose value must be > 0 (every other number must be >= 0).
+    positive: ClassVar[frozenset[str]] = frozenset({"lr_s", "T"})
+    # Keys restricted to a set of strings.
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"opt_s": ("adam", "sgd")}
+    # Keys that accept null besides their default's type.
+    nullable: ClassVar[frozenset[str]] = frozenset({"clip"})
+    # True where the student trains on fixed or banked data rather than on a generator's fresh output; the
+    # Shuffling Vaccine then reweights the student's loss instead of steering a generator.
+    fixed_data: ClassVar[bool] = False
+    # Whether the student's loss needs its block outputs (attention transfer).
+    needs_features: bool = False
+
+    def __init__(self, ctx: SynthContext, params: dict[str, Any] | None = None) -> None:
+        self.ctx = ctx
+        self.params = self.resolve_params(params or {}, ctx.data.name)
+        self.log = _LossLog()
+
+    # --- hyperparameters ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def resolve_params(cls, params: dict[str, Any], dataset: str | None = None) -> dict[str, Any]:
+        """Defaults, then the dataset's overrides, then ``params``; validated.
+
+        Raises:
+            ValueError: an unknown key (the allowed ones are listed) or a value of the wrong type or range.
+        """
+        unknown = sorted(set(params) - set(cls.defaults))
+        if unknown:
+            raise ValueError(
+                f"synthesizer {cls.name!r}: unknown key(s) {', '.join('synth.' + k for k in unknown)}; "
+                f"allowed: {', '.join(sorted(cls.defaults))}"
+            )
+        p = {**cls.defaults, **cls.dataset_defaults.get(dataset or "", {}), **params}
+        for k, v in p.items():
+            p[k] = cls._check_value(k, v)
+        cls.check_params(p)
+        return p
+
+    @classmethod
+    def _check_value(cls, key: str, v: Any) -> Any:
+        d = cls.defaults[key]
+        where = f"synthesizer {cls.name!r}: synth.{key}={v!r}"
+        if v is None:
+            if d is None or key in cls.nullable:
+                return None
+            raise ValueError(f"{where} may not be null; default {d!r}")
+        if key in cls.choices:
+            if v not in cls.choices[key]:
+                raise ValueError(f"{where} is not allowed; allowed: {', '.join(cls.choices[key])}")
+            return v
+        ref = d if d is not None else v
+        if isinstance(ref, bool):
+            if isinstance(v, bool):
+                return v
+            raise ValueError(f"{where} must be true or false")
+        if isinstance(ref, numbers.Number):
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or v != v or math.isinf(v):
+                raise ValueError(f"{where} must be a finite number")
+            if isinstance(ref, int) and not isinstance(ref, bool) and key not in cls.nullable:
+                if float(v) != int(v):
+                    raise ValueError(f"{where} must be an integer")
+                v = int(v)
+            if key in cls.positive and not v > 0:
+                raise ValueError(f"{where} must be > 0")
+            if v < 0:
+                raise ValueError(f"{where} must be >= 0")
+            return v
+        if isinstance(ref, str) and not isinstance(v, str):
+            raise ValueError(f"{where} must be a string")
+        return v
+
+    @classmethod
+    def check_params(cls, p: dict[str, Any]) -> None:
+        """Cross-key or filesystem checks of a subclass (raise ValueError)."""
+
+    # --- the student's side ---------------------------------------------------------------------------------------
+
+    def student_optimizer(self, params) -> torch.optim.Optimizer:
+        """The student's optimiser, as the synthesizer's paper used it."""
+        p = self.params
+        if p["opt_s"] == "adam":
+            return torch.optim.Adam(params, lr=p["lr_s"], weight_decay=p["wd_s"])
+        return torch.optim.SGD(params, lr=p["lr_s"], momentum=0.9, weight_decay=p["wd_s"])
+
+    def student_loss(self, s_logits: torch.Tensor, s_feats: list[torch.Tensor] | None, batch: Batch) -> torch.Tensor:
+        """Per-sample KD loss (N,) of the student on ``batch``; the defense turns it into the batch loss."""
+        return kd_divergence(s_logits, batch.t_logits, self.params["T"], reduction="none")
+
+    # --- synthesis ------------------------------------------------------------------------------------------------
+
+    def batches(self, step: int) -> Iterator[Batch]:
+        """Do the synthesis work of loop step ``step`` (0-based) and yield one batch per student step."""
+        raise NotImplementedError
+
+    def losses(self) -> dict[str, float]:
+        """Mean synthesis losses since the last call (e.g. ``loss_gen``)."""
+        return self.log.pop()
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and Python values only (loadable with ``weights_only=True``)."""
+        return {"log": self.log.state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.log.load(state.get("log", {}))
+
+
+# --- shared pieces ----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` of a model's parameters for a generator step (input gradients still flow)."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+
+
+class BNStats:
+    """Collect the BatchNorm-statistics loss of a model's forward passes while the context is open.
+
+    Forward hooks are registered on entry and removed on exit, so no hook outlives the synthesis step (a defense
+    that copies the teacher does not copy them).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._handles: list = []
+        self._stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def _hook(self, module: nn.Module, inputs, output) -> None:
+        mean, var = batch_channel_stats(inputs[0])
+        self._stats.append((mean, var, module.running_mean, module.running_var))
+
+    def __enter__(self) -> BNStats:
+        self._stats = []
+        self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def loss(self) -> torch.Tensor:
+        """The BN-statistics loss of the forward passes seen so far (then forgets them)."""
+        stats, self._stats = self._stats, []
+        if not stats:
+            raise ValueError("the teacher has no BatchNorm layer; the BN-statistics loss needs one (set synth.bn=0)")
+        m, v, rm, rv = zip(*stats, strict=True)
+        return bn_statistics_loss(m, v, rm, rv)
+
+
+class MemoryBank:
+    """A growing store of synthesized inputs (and optional features), capped at ``max_size`` (oldest dropped).
+
+    Args:
+        max_size: most entries kept.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = int(max_size)
+        self.x: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.x is None else len(self.x)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        self.x = x.clone() if self.x is None else torch.cat([self.x, x])
+        if len(self.x) > self.max_size:
+            self.x = self.x[-self.max_size :].clone()
+
+    def sample(self, n: int, gen_cpu: torch.Generator) -> torch.Tensor:
+        """``n`` entries drawn uniformly with replacement."""
+        assert self.x is not None and len(self.x), "sample from an empty bank"
+        idx = torch.randint(0, len(self.x), (n,), generator=gen_cpu).to(self.x.device)
+        return self.x[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"x": None if self.x is None else self.x.detach().cpu().clone(), "max_size": self.max_size}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.x = None if state["x"] is None else state["x"].to(device)
+
+
+def balanced_labels(n: int, num_classes: int, gen_cpu: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``n`` labels with every class as equally often as ``n`` allows, in random order."""
+    y = torch.arange(n) % num_classes
+    return y[torch.randperm(n, generator=gen_cpu)].to(device)
+
+
+def shift_flip(x: torch.Tensor, gen: torch.Generator, pad: int, flip: bool) -> torch.Tensor:
+    """Random integer translation by up to ``pad`` pixels (zero fill) and horizontal flip, per sample, in one op.
+
+    Equivalent to the usual pad-and-crop augmentation; done with one ``grid_sample`` (nearest, exact pixel
+    centres) so there is no per-sample loop and gradients flow to ``x``.
+    """
+    n, _, h, w = x.shape
+    if not pad and not flip:
+        return x
+    dev = x.device
+    dx = torch.randint(-pad, pad + 1, (n,), generator=gen, device=dev).float() if pad else torch.zeros(n, device=dev)
+    dy = torch.randint(-pad, pad + 1, (n,), generator=gen, device=dev).float() if pad else torch.zeros(n, device=dev)
+    sx = torch.ones(n, device=dev)
+    if flip:
+        sx = torch.where(torch.rand(n, generator=gen, device=dev) < 0.5, -sx, sx)
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0] = sx
+    theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = 2.0 * dx / w
+    theta[:, 1, 2] = 2.0 * dy / h
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def random_resized_crop(
+    src: torch.Tensor,
+    n: int,
+    out_hw: tuple[int, int],
+    gen: torch.Generator,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    src_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``n`` random crops of ``src`` (B, C, H, W), each of area fraction in ``scale`` (log-uniform), resized to
+    ``out_hw`` with bilinear ``roi_align`` in one call (differentiable in ``src``).
+
+    Args:
+        src: source images.
+        n: crops to cut.
+        out_hw: output (H, W).
+        gen: random generator on ``src``'s device.
+        scale: (min, max) crop area as a fraction of the source image.
+        ratio: (min, max) aspect ratio (width / height), log-uniform.
+        src_index: which source image each crop comes from (default: crop i from image i mod B).
+    """
+    from torchvision.ops import roi_align
+
+    b, _, h, w = src.shape
+    dev = src.device
+    u = torch.rand(n, 3, generator=gen, device=dev)
+    log_s = math.log(scale[0]) + u[:, 0] * (math.log(scale[1]) - math.log(scale[0]))
+    log_r = math.log(ratio[0]) + u[:, 1] * (math.log(ratio[1]) - math.log(ratio[0]))
+    area = log_s.exp() * h * w
+    cw = (area * log_r.exp()).sqrt().clamp(1.0, w)
+    ch = (area / log_r.exp()).sqrt().clamp(1.0, h)
+    u2 = torch.rand(n, 2, generator=gen, device=dev)
+    x1 = u2[:, 0] * (w - cw)
+    y1 = u2[:, 1] * (h - ch)
+    idx = src_index if src_index is not None else torch.arange(n, device=dev) % b
+    boxes = torch.stack([idx.to(dev).float(), x1, y1, x1 + cw, y1 + ch], dim=1)
+    return roi_align(src, boxes.to(src.dtype), out_hw, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
+def kd_augment(data: DataBundle) -> dict[str, Any]:
+    """The standard KD-time augmentation of a dataset: pad-4 crop (+ flip on CIFAR); none on 8x8 digits."""
+    if data.shape[1] < 16:
+        return {"pad": 0, "flip": False}  # a shift of a pixel is an eighth of a digit: it would change the class
+    return {"pad": 4, "flip": data.name in ("cifar10", "cifar100")}

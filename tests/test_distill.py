@@ -1,0 +1,236 @@
+"""The KD loop: reports, defense hooks, state files, resumed == uninterrupted, bad input, and the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from abd_ray.config import RunConfig, TeacherSpec
+from abd_ray.defenses.base import Defense
+from abd_ray.engine.distill import DistillResult, check_config, distill, load_state, save_state
+from abd_ray.registry import DEFENSES
+
+TINY = {"deepinversion": {"iters": 3, "round_every": 2}, "cmi": {"g_steps": 3, "round_every": 2, "n_neg": 32}}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache holding a 3-epoch digits teacher (badnet_grid), the teacher of every run below."""
+    from abd_ray.engine.teacher import get_teacher
+
+    root = tmp_path_factory.mktemp("cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is as fast, and immune to a busy machine
+    try:
+        get_teacher(TeacherSpec.for_dataset("digits", epochs=3), root, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher(cache):
+    from abd_ray.engine.teacher import get_teacher
+
+    return get_teacher(TeacherSpec.for_dataset("digits", epochs=3), cache, progress=False)
+
+
+def cfg_for(name="zskt", steps=6, **kw):
+    params = {**TINY.get(name, {}), **kw.pop("synth", {})}
+    return RunConfig(
+        synthesizer=name,
+        steps=steps,
+        eval_every=kw.pop("eval_every", 2),
+        batch_size=16,
+        synth=params,
+        device="cpu",
+        **kw,
+    )
+
+
+def test_report_history_and_result(teacher):
+    seen = []
+    res = distill(
+        cfg_for("zskt", steps=5),
+        teacher=teacher,
+        progress=False,
+        report=lambda m, step, get_state: seen.append((step, m, get_state())),
+    )
+    assert isinstance(res, DistillResult)
+    assert [s for s, _, _ in seen] == [2, 4, 5]  # every eval_every steps and at the end
+    for key in (
+        "clean_acc",
+        "asr",
+        "robust_acc",
+        "teacher_clean_acc",
+        "teacher_asr",
+        "teacher_robust_acc",
+        "loss_kd",
+        "loss_gen",
+        "step_time_s",
+    ):
+        assert key in seen[0][1], key
+    assert [h["step"] for h in res.history] == [2, 4, 5]
+    assert res.metrics["clean_acc"] == seen[-1][1]["clean_acc"] and res.metrics["wall_s"] > 0
+    assert seen[0][1]["teacher_asr"] == seen[-1][1]["teacher_asr"] > 50  # the backdoored teacher, measured once
+    assert res.samples.shape == (16, 1, 8, 8)
+    assert seen[0][2]["step"] == 2 and seen[1][2]["step"] == 4
+
+
+@pytest.mark.parametrize("synth", ["zskt", "cmi"])
+def test_resumed_run_ends_where_the_uninterrupted_run_ends(synth, teacher, tmp_path):
+    states = {}
+    cfg = cfg_for(synth, steps=6, seed=3)
+    full = distill(
+        cfg, teacher=teacher, progress=False, report=lambda m, step, get_state: states.__setitem__(step, get_state())
+    )
+    path = tmp_path / "state.pt"
+    save_state(states[2], path)
+    assert not list(tmp_path.glob("*.tmp"))
+    resumed = distill(cfg, teacher=teacher, progress=False, resume_state=load_state(path))
+    for (k, a), (_, b) in zip(full.student.state_dict().items(), resumed.student.state_dict().items(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), k
+    for key in ("clean_acc", "asr", "robust_acc", "loss_kd"):
+        assert resumed.metrics[key] == pytest.approx(full.metrics[key], abs=1e-4), key
+    assert [h["step"] for h in resumed.history] == [2, 4, 6]
+    assert torch.allclose(full.samples, resumed.samples, atol=1e-5)
+
+
+def test_state_files_are_weights_only(tmp_path, teacher):
+    states = []
+    distill(
+        cfg_for("zskt", steps=2),
+        teacher=teacher,
+        progress=False,
+        report=lambda m, s, get_state: states.append(get_state()),
+    )
+    path = tmp_path / "s.pt"
+    save_state(states[-1], path)
+    assert load_state(path)["step"] == 2
+    torch.save({"format": "abd-ray-distill/1", "evil": Defense()}, tmp_path / "bad.pt")  # a pickled object
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
+        load_state(tmp_path / "bad.pt")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an abd-ray distillation state"):
+        load_state(tmp_path / "other.pt")
+
+
+class Recorder(Defense):
+    """A defense that records every hook call the loop makes."""
+
+    name = "test_recorder"
+    defaults = {"start": 3}
+    calls: list = []
+
+    def bind(self, teacher, student, shape, num_classes, total_steps, generator=None):
+        Recorder.calls.append(("bind", total_steps))
+
+    def observe(self, x, t_logits, step):
+        Recorder.calls.append(("observe", step))
+
+    def generator_term(self, x, t_logits):
+        Recorder.calls.append(("generator_term", x.requires_grad))
+        return x.sum() * 0.0
+
+    def student_loss(self, per_sample, x, t_logits):
+        Recorder.calls.append(("student_loss", tuple(per_sample.shape)))
+        return per_sample.mean()
+
+    def stage2_start(self, total_steps):
+        return self.params["start"]
+
+    def stage2_lr(self):
+        return 0.5
+
+    def add_student_grads(self, student, teacher, x, step):
+        Recorder.calls.append(("add_student_grads", step, float(next(student.parameters()).grad is None)))
+
+    def metrics(self):
+        return {"rec_metric": 1.0}
+
+    def state_dict(self):
+        return {"n": len(Recorder.calls)}
+
+
+if "test_recorder" not in DEFENSES:
+    DEFENSES.register("test_recorder")(Recorder)
+
+
+def test_every_defense_hook_is_called_where_documented(teacher):
+    Recorder.calls = []
+    lrs = []
+    res = distill(
+        cfg_for("zskt", steps=5, defense="test_recorder", synth={"n_s": 2}),
+        teacher=teacher,
+        progress=False,
+        report=lambda m, s, g: lrs.append((s, m["lr_s"], g()["defense"])),
+    )
+    names = [c[0] for c in Recorder.calls]
+    assert names.count("bind") == 1 and Recorder.calls[0] == ("bind", 5)
+    assert [c[1] for c in Recorder.calls if c[0] == "observe"] == [0, 1, 2, 3, 4]  # one batch per pseudo batch
+    assert names.count("generator_term") == 5 and all(c[1] for c in Recorder.calls if c[0] == "generator_term")
+    assert names.count("student_loss") == 10 and ("student_loss", (16,)) in Recorder.calls
+    # after zero_grad (grads are None), from stage2_start on, once per student step
+    assert [c[1:] for c in Recorder.calls if c[0] == "add_student_grads"] == [(3, 1.0), (3, 1.0), (4, 1.0), (4, 1.0)]
+    assert res.metrics["rec_metric"] == 1.0
+    # stage 2 restarts the cosine at stage2_lr: step 3 of 5 runs at 0.5 * (1 + cos(pi * 0 / 2)) / 2 = 0.5
+    # (reports come after steps 2, 4 and 5, i.e. after step indices 1, 3 and 4)
+    by_step = {s: lr for s, lr, _ in lrs}
+    assert by_step[2] == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 1 / 5)))
+    assert by_step[4] == pytest.approx(0.5) and by_step[5] == pytest.approx(0.25)
+    assert all(isinstance(d, dict) and "n" in d for _, _, d in lrs)  # defense.state_dict() is in the loop state
+
+
+@pytest.mark.parametrize("synth", ["ood", "clean", "deepinversion", "dafl", "dfad"])
+def test_other_synthesizers_run_through_the_loop(synth, teacher):
+    res = distill(cfg_for(synth, steps=3), teacher=teacher, progress=False)
+    assert all(v == v for k, v in res.metrics.items() if k not in ("asr", "robust_acc")), res.metrics
+    assert res.samples.shape[1:] == (1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(synthesizer="nope"), r"unknown synthesizer 'nope'; known synthesizers: clean, cmi, dafl"),
+        (dict(steps=0), r"steps=0 must be a positive integer"),
+        (dict(steps=-5), r"steps=-5 must be a positive integer"),
+        (dict(eval_every=0), r"eval_every=0"),
+        (dict(synthesizer="ood", synth={"image": "/no/such/image.jpg"}), r"synth.image='/no/such/image.jpg' does not"),
+        (dict(synth={"bogus": 1}), r"unknown key\(s\) synth.bogus; allowed"),
+        (dict(defense="nope"), r"unknown defense 'nope'"),
+        (dict(student_arch="nope"), r"unknown model 'nope'"),
+        (dict(teacher_file="/no/teacher.safetensors"), r"does not exist"),
+    ],
+)
+def test_bad_input_is_refused_before_compute(change, match):
+    with pytest.raises(ValueError, match=match):
+        check_config(RunConfig(**change))
+
+
+def test_cli_errors_are_one_line(capsys):
+    from abd_ray.cli import main
+
+    for argv, match in (
+        (["distill", "--synthesizer", "nope"], "known synthesizers: clean, cmi"),
+        (["distill", "--steps", "0"], "steps=0 must be a positive integer"),
+        (["distill", "--synthesizer", "ood", "--set", "synth.image=/no/such.png"], "does not exist"),
+        (["distill", "--set", "synth.nope=1"], "unknown key(s) synth.nope"),
+        (["distill", "--set", "nope=1"], "unknown key 'nope'"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err, err
+
+
+@pytest.mark.slow
+def test_cli_json(digits_teacher, capsys):
+    from abd_ray.cli import main
+
+    _, cache = digits_teacher  # the default digits teacher, trained once per session (conftest)
+    rc = main(
+        ["distill", "--cache", str(cache), "--steps", "4", "--set", "eval_every=2", "--set", "batch_size=16", "--json"]
+    )
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out) == {"clean_acc", "asr", "robust_acc", "teacher_clean_acc", "teacher_asr", "wall_s"}
