@@ -198,6 +198,9 @@ def _ray_init(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Tune snapshots the experiment whenever a trial has checkpointed num_to_keep times since the last snapshot,
+    # which is what a resume needs; its warning about doing so often is noise with short evaluation intervals.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     kw: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
     if address:
         kw["address"] = address
