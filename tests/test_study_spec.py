@@ -180,3 +180,41 @@ def test_pareto_front_and_recommendation():
     m, s = mean_std([1.0, 3.0])
     assert m == 2.0 and math.isclose(s, math.sqrt(2))
     assert fmt_ms(m, s, 2) == "2.0±1.4" and fmt_ms(float("nan"), 0, 0) == "-"
+
+
+def test_study_searcher_order_failures_and_orphans(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    from abd_ray.study.search import (
+        StudySearcher,
+        cell_searchers,
+        close_orphans,
+        optuna_counts,
+        optuna_study_name,
+    )
+
+    spec = StudySpec.from_dict({**BASE, "attacks": ["badnet_grid", "blend"], "search": {**BASE["search"],
+                                                                                         "num_samples": 2}})
+    consts = {f"{a}/{s}": spec.base_config(a, s, "abd", 0, "search") for a, s in spec.search_cells()}
+    searcher = StudySearcher(spec.grid_configs(), cell_searchers(spec, str(tmp_path), consts), 2)
+    got = [searcher.suggest(f"t{i}") for i in range(7)]
+    assert got[0]["defense"] == "none" and got[1]["defense"] == "none"  # the grid first
+    assert [g["study.cell"] for g in got[2:6]] == ["badnet_grid/zskt", "blend/zskt"] * 2  # round-robin
+    assert got[2]["defense.coef"] == 1.0 and got[2]["defense.inner_round"] == 10  # ABD at its defaults first
+    assert got[6] == "FINISHED"
+    searcher.on_trial_complete("t2", {"clean_acc": 90.0, "asr": 5.0, "final": 1})
+    # A trial that errored after an evaluation is FAIL in Optuna, not COMPLETE with its partial values.
+    searcher.on_trial_complete("t3", {"clean_acc": 50.0, "asr": 50.0}, error=True)
+    searcher.on_trial_complete("t4", {"clean_acc": 91.0, "asr": 4.0, "final": 1})
+    # t5 is left RUNNING, as if its driver had been killed: closed as FAIL once the study has ended.
+    names = [optuna_study_name(spec.name, c) for c in consts]
+    assert optuna_counts(str(tmp_path), names)[names[1]] == {"FAIL": 1, "RUNNING": 1}
+    assert close_orphans(str(tmp_path), names) == 1
+    counts = optuna_counts(str(tmp_path), names)
+    assert counts[names[0]] == {"COMPLETE": 2}
+    assert counts[names[1]] == {"FAIL": 2}
+    # The searcher survives a save / restore (Tune pickles it into the experiment).
+    searcher.save(str(tmp_path / "s.pkl"))
+    fresh = StudySearcher([], {}, 0)
+    fresh.restore(str(tmp_path / "s.pkl"))
+    assert fresh.owner == searcher.owner and fresh.next_fixed == 2
+    assert optuna.load_study(study_name=names[0], storage=f"sqlite:///{tmp_path}/optuna.db").best_trials

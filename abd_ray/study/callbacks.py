@@ -16,8 +16,10 @@ point a study at a moved database.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,37 @@ SENTINEL = "clean_acc"  # reported at every evaluation: its history tells which 
 
 def read_state(study_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(study_dir) / "study.json").read_text())
+
+
+TRACKING_ERRORS = "tracking_errors.jsonl"
+
+
+def _guarded(hook):
+    """Keep a tracking failure (database locked, server away) from ending the experiment.
+
+    The failure is logged as a warning and appended to the study folder's ``tracking_errors.jsonl`` (nothing is
+    lost silently); the end-of-study reconciliation then repairs the run statuses it can.
+    """
+
+    @functools.wraps(hook)
+    def wrapper(self, iteration, trials, trial, *args, **info):
+        try:
+            return hook(self, iteration, trials, trial, *args, **info)
+        except Exception as e:  # noqa: BLE001
+            log.warning("MLflow %s for trial %s failed: %s: %s", hook.__name__, trial.trial_id, type(e).__name__, e)
+            rec = {"time": time.time(), "hook": hook.__name__, "trial_id": trial.trial_id,
+                   "error": f"{type(e).__name__}: {e}"[:1000]}
+            if args and isinstance(args[0], dict):
+                rec["step"] = args[0].get("step")
+            try:
+                with open(Path(self.study_dir) / TRACKING_ERRORS, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError:
+                pass
+            self._tracker = None  # reconnect on the next call
+            return None
+
+    return wrapper
 
 
 class MLflowTrialCallback(Callback):
@@ -109,12 +142,14 @@ class MLflowTrialCallback(Callback):
 
     # --- Tune hooks -------------------------------------------------------------------------------------------------
 
+    @_guarded
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
         rid = self.run_id(trial)
         t = self._t()
         if t.status(rid) != "RUNNING":
             t.set_status(rid, "RUNNING")  # a restarted trial reopens its own run, never a second one
 
+    @_guarded
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
         rid = self.run_id(trial)
         t = self._t()
@@ -138,6 +173,7 @@ class MLflowTrialCallback(Callback):
         t.log_metrics(rid, metrics, step)
         self._last_step[rid] = step
 
+    @_guarded
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         rid = self.run_id(trial)
         t = self._t()
@@ -154,6 +190,7 @@ class MLflowTrialCallback(Callback):
                 t.set_tags(rid, {"abd_ray.artifacts_error": str(e)[:500]})
         t.set_status(rid, "FINISHED" if ok else "FAILED")
 
+    @_guarded
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         rid = self.run_id(trial)
         t = self._t()

@@ -224,6 +224,8 @@ def _counts(spec, state: dict[str, Any], study_dir: Path, rows: list[dict[str, A
     except Exception as e:  # noqa: BLE001 - a report must still come out when the tracking server is away
         ml = {"error": f"{type(e).__name__}: {e}"}
     n_search = sum(r["kind"] == "search" for r in rows)
+    errs = study_dir / "tracking_errors.jsonl"
+    ml["tracking_errors"] = len(errs.read_text().splitlines()) if errs.exists() else 0
     return {"planned": state.get("planned_trials"), "tune": tune_counts, "tune_total": len(rows),
             "search_trials": n_search, "optuna": opt, "optuna_total": optuna_total, "mlflow": ml}
 
@@ -247,7 +249,9 @@ def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> 
              f"({', '.join(f'{k} {v}' for k, v in sorted(c['tune'].items())) or 'none'}); "
              f"Optuna {', '.join(f'{k} {v}' for k, v in sorted(c['optuna_total'].items())) or '-'} "
              f"(search trials {c['search_trials']}); MLflow child runs "
-             f"{', '.join(f'{k} {v}' for k, v in sorted(c['mlflow'].get('children', {}).items())) or '-'}.", ""]
+             f"{', '.join(f'{k} {v}' for k, v in sorted(c['mlflow'].get('children', {}).items())) or '-'}"
+             + (f"; {c['mlflow']['tracking_errors']} MLflow writes failed (see tracking_errors.jsonl)"
+                if c["mlflow"].get("tracking_errors") else "") + ".", ""]
     lines += ["## Paper-style table (grid trials, mean±std over seeds; Acc / ASR %)", "",
               "| attack | synthesizer | defense | n | teacher acc/asr | clean_acc | asr |", "|---|---|---|---|---|---|---|"]
     for t in rep["table"]:
@@ -304,8 +308,10 @@ def plot_pareto(rows: list[dict[str, Any]], front: list[dict[str, Any]], cell: s
         ax.scatter([r["asr"] for r in pts], [r["clean_acc"] for r in pts], marker=mk, color=col, label=defense,
                    alpha=0.8)
     if front:
-        ax.step([r["asr"] for r in front], [r["clean_acc"] for r in front], where="post", color="black", lw=1,
-                label="Pareto front")
+        ax.step([r["asr"] for r in front], [r["clean_acc"] for r in front], where="post", color="black", lw=1)
+        ax.scatter([r["asr"] for r in front], [r["clean_acc"] for r in front], s=140, facecolors="none",
+                   edgecolors="black", label="Pareto front")
+    ax.set_xlim(-3, 103)  # asr on its whole range, so fronts of different cells compare at a glance
     ax.set_xlabel("attack success rate (%)  ← better")
     ax.set_ylabel("clean accuracy (%)  ↑ better")
     ax.set_title(cell)
