@@ -75,6 +75,7 @@ class CMI(BankSynthesizer):
         # minutes on two cores; Adam at 2e-3 for the tiny student; T 4 because the digits teacher's logits are
         # far less spread than a CIFAR WRN's.
         "digits": {
+            "ngf": 32,
             "g_steps": 50,
             "round_every": 50,
             "n_neg": 1024,
