@@ -127,7 +127,8 @@ class MLflowTrialCallback(Callback):
             name = f"{trial.config.get('study.cell', '')}/{trial.config.get('defense', '')}" \
                    f"/s{trial.config.get('seed', '')}/{tid}"
             rid = t.start_child(self._exp_id, self._parent, tid, name, dict(trial.config),
-                                {"abd_ray.kind": meta.get("study.kind", ""), "abd_ray.cell": meta.get("study.cell", "")})
+                                {"abd_ray.kind": meta.get("study.kind", ""),
+                                 "abd_ray.cell": meta.get("study.cell", "")})
             if self._study_file is not None:
                 t.log_artifact(rid, self._study_file)
             self._last_step[rid] = -1

@@ -20,7 +20,7 @@ from abd_ray.metrics import der as der_of
 REPORT_DIR = "report"
 
 
-# --- pure pieces -------------------------------------------------------------------------------------------------------
+# --- pure pieces ----------------------------------------------------------------------------------------------------
 
 
 def pareto_front(points: list[dict[str, Any]], acc: str = "clean_acc", asr: str = "asr") -> list[dict[str, Any]]:
@@ -70,7 +70,7 @@ def recommend(rows: list[dict[str, Any]], undefended_acc: float, max_acc_drop: f
     return min(cands, key=lambda r: (r["asr"], -r["clean_acc"]))
 
 
-# --- reading a study ---------------------------------------------------------------------------------------------------
+# --- reading a study ------------------------------------------------------------------------------------------------
 
 
 def trial_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -230,7 +230,7 @@ def _counts(spec, state: dict[str, Any], study_dir: Path, rows: list[dict[str, A
             "search_trials": n_search, "optuna": opt, "optuna_total": optuna_total, "mlflow": ml}
 
 
-# --- writing -------------------------------------------------------------------------------------------------------
+# --- writing --------------------------------------------------------------------------------------------------------
 
 
 def _f(v: Any, nd: int = 1) -> str:
@@ -253,11 +253,13 @@ def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> 
              + (f"; {c['mlflow']['tracking_errors']} MLflow writes failed (see tracking_errors.jsonl)"
                 if c["mlflow"].get("tracking_errors") else "") + ".", ""]
     lines += ["## Paper-style table (grid trials, mean±std over seeds; Acc / ASR %)", "",
-              "| attack | synthesizer | defense | n | teacher acc/asr | clean_acc | asr |", "|---|---|---|---|---|---|---|"]
+              "| attack | synthesizer | defense | n | teacher acc/asr | clean_acc | asr |",
+              "|---|---|---|---|---|---|---|"]
     for t in rep["table"]:
         lines.append(f"| {t['attack']} | {t['synthesizer']} | {t['defense']} | {t['n']} | "
                      f"{_f(t['teacher_clean_acc'])}/{_f(t['teacher_asr'])} | "
-                     f"{fmt_ms(t['clean_acc'], t['clean_acc_std'], t['n'])} | {fmt_ms(t['asr'], t['asr_std'], t['n'])} |")
+                     f"{fmt_ms(t['clean_acc'], t['clean_acc_std'], t['n'])} | "
+                     f"{fmt_ms(t['asr'], t['asr_std'], t['n'])} |")
     lines += ["", f"## Recommended config per cell (lowest asr within {rep['max_acc_drop']:g} points of the "
                   "undefended clean_acc)", "",
               "| cell | trial | defense | clean_acc | asr | undefended acc/asr | der | hyperparameters |",

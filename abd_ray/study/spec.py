@@ -192,9 +192,8 @@ class StudySpec:
 
     def teacher_spec_dict(self, attack: str) -> dict[str, Any]:
         """The TeacherSpec (as a dict) of the teacher poisoned by ``attack``."""
-        from abd_ray.config import TeacherSpec, dataset_defaults
-
         from abd_ray.attacks import AttackSpec
+        from abd_ray.config import TeacherSpec, dataset_defaults
 
         a = {"name": attack, "target": dataset_defaults(self.dataset)["target"], **self.attack}
         t = self.teacher
