@@ -195,12 +195,21 @@ def test_study_searcher_order_failures_and_orphans(tmp_path):
     spec = StudySpec.from_dict({**BASE, "attacks": ["badnet_grid", "blend"], "search": {**BASE["search"],
                                                                                          "num_samples": 2}})
     consts = {f"{a}/{s}": spec.base_config(a, s, "abd", 0, "search") for a, s in spec.search_cells()}
-    searcher = StudySearcher(spec.grid_configs(), cell_searchers(spec, str(tmp_path), consts), 2)
+    searcher = StudySearcher(spec.grid_configs(), cell_searchers(spec, str(tmp_path), consts), 2, spec.name,
+                             str(tmp_path))
     got = [searcher.suggest(f"t{i}") for i in range(7)]
     assert got[0]["defense"] == "none" and got[1]["defense"] == "none"  # the grid first
     assert [g["study.cell"] for g in got[2:6]] == ["badnet_grid/zskt", "blend/zskt"] * 2  # round-robin
     assert got[2]["defense.coef"] == 1.0 and got[2]["defense.inner_round"] == 10  # ABD at its defaults first
     assert got[6] == "FINISHED"
+    searcher.on_trial_complete("t0", {"clean_acc": 95.0, "asr": 99.0, "final": 1})
+    searcher.on_trial_complete("t0", {"clean_acc": 95.0, "asr": 99.0, "final": 1})  # a second time: once only
+    searcher.on_trial_complete("t1", None, error=True)
+    grid = optuna.load_study(study_name="t:badnet_grid/zskt:grid", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [(t.state.name, t.values, t.params["defense"]) for t in grid.trials] == [
+        ("COMPLETE", [95.0, 99.0], "none")]
+    grid = optuna.load_study(study_name="t:blend/zskt:grid", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [(t.state.name, t.values) for t in grid.trials] == [("FAIL", None)]
     searcher.on_trial_complete("t2", {"clean_acc": 90.0, "asr": 5.0, "final": 1})
     # A trial that errored after an evaluation is FAIL in Optuna, not COMPLETE with its partial values.
     searcher.on_trial_complete("t3", {"clean_acc": 50.0, "asr": 50.0}, error=True)

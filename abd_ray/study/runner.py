@@ -286,9 +286,12 @@ def plan(spec: StudySpec, state: dict[str, Any]) -> tuple[list[dict[str, Any]], 
 
 
 def optuna_names(spec: StudySpec) -> list[str]:
-    from abd_ray.study.search import optuna_study_name
+    """Every Optuna study of a study: one per search cell, and one ``grid`` study per cell with fixed trials."""
+    from abd_ray.study.search import grid_study_name, optuna_study_name
 
-    return [optuna_study_name(spec.name, f"{a}/{s}") for a, s in spec.search_cells()]
+    names = [optuna_study_name(spec.name, f"{a}/{s}") for a, s in spec.search_cells()]
+    names += [grid_study_name(spec.name, c) for c in sorted({c["study.cell"] for c in spec.grid_configs()})]
+    return names
 
 
 def _trainable(spec: StudySpec):
@@ -318,12 +321,10 @@ def _tuner(spec: StudySpec, state: dict[str, Any], study_dir: Path, echo: Echo):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
     fixed, cells = plan(spec, state)
-    if cells:
-        delete_studies(str(study_dir), optuna_names(spec))
-        searchers = cell_searchers(spec, str(study_dir), cells)
-    else:
-        searchers = {}
-    searcher = StudySearcher(fixed, searchers, spec.search.num_samples if spec.search else 0)
+    delete_studies(str(study_dir), optuna_names(spec))
+    searchers = cell_searchers(spec, str(study_dir), cells) if cells else {}
+    searcher = StudySearcher(fixed, searchers, spec.search.num_samples if spec.search else 0, spec.name,
+                             str(study_dir))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -396,7 +397,7 @@ def reconcile(spec: StudySpec, state: dict[str, Any], study_dir: Path, trials: l
         if run["status"] != want and (finished or run["status"] == "RUNNING"):
             t.set_status(run["run_id"], want)
             fixes["mlflow_fixed"] += 1
-    if finished and spec.search is not None:
+    if finished:
         fixes["optuna_orphans"] = close_orphans(str(study_dir), optuna_names(spec))
     t.set_status(state["parent_run_id"], "FINISHED" if finished else "KILLED")
     return fixes

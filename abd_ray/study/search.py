@@ -76,6 +76,10 @@ def optuna_study_name(study: str, cell: str) -> str:
     return f"{study}:{cell}"
 
 
+def grid_study_name(study: str, cell: str) -> str:
+    return f"{study}:{cell}:grid"
+
+
 def default_point(spec: SearchSpec) -> dict[str, Any]:
     """The searched hyperparameters at the defense's defaults (the first point of a cell's search)."""
     from abd_ray.registry import DEFENSES, load_all
@@ -126,14 +130,18 @@ class StudySearcher(Searcher):
         num_samples: search trials per cell.
     """
 
-    def __init__(self, fixed: list[dict[str, Any]], cells: dict[str, OptunaSearch], num_samples: int) -> None:
+    def __init__(self, fixed: list[dict[str, Any]], cells: dict[str, OptunaSearch], num_samples: int,
+                 study: str = "", study_dir: str | None = None) -> None:
         super().__init__(metric=None, mode=None)
         self.fixed = list(fixed)
         self.cells = cells
         self.num_samples = num_samples
+        self.study = study
+        self.study_dir = study_dir
         self.next_fixed = 0
         self.issued = {c: 0 for c in cells}
         self.owner: dict[str, str | None] = {}  # trial id -> cell (None: a fixed trial)
+        self.fixed_of: dict[str, int] = {}  # trial id -> index into ``fixed``
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         # The objectives live on the per-cell searchers; Tune's single metric/mode is not used.
@@ -144,6 +152,7 @@ class StudySearcher(Searcher):
             return None
         if self.next_fixed < len(self.fixed):
             cfg = dict(self.fixed[self.next_fixed])
+            self.fixed_of[trial_id] = self.next_fixed
             self.next_fixed += 1
             self.owner[trial_id] = None
             return cfg
@@ -165,13 +174,46 @@ class StudySearcher(Searcher):
         return None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ok = bool(not error and result is not None and all(isinstance(result.get(m), (int, float)) for m in METRICS)
+                  and result.get("final"))
+        if trial_id in self.fixed_of:
+            self._record_fixed(trial_id, result if ok else None)
+            return
         cell = self.owner.get(trial_id)
         if cell is None:
             return
-        ok = (not error and result is not None and all(isinstance(result.get(m), (int, float)) for m in METRICS)
-              and result.get("final"))
         # A failed trial is told as FAIL, not as COMPLETE with the values of its last evaluation.
         self.cells[cell].on_trial_complete(trial_id, result if ok else None, error=not ok)
+
+    def _record_fixed(self, trial_id: str, result: dict | None) -> None:
+        """Record a finished fixed trial in its cell's ``grid`` Optuna study (once per Tune trial id).
+
+        So every Tune trial of a study has one Optuna trial (COMPLETE, or FAIL with no values), and the fixed
+        baselines sit beside the searched points when the studies are read with Optuna's own tools.
+        """
+        if self.study_dir is None:
+            return
+        cfg = self.fixed[self.fixed_of[trial_id]]
+        storage = optuna.storages.RDBStorage(optuna_storage_url(self.study_dir))
+        study = optuna.create_study(study_name=grid_study_name(self.study, cfg["study.cell"]), storage=storage,
+                                    directions=["maximize" if m == "max" else "minimize" for m in MODES],
+                                    load_if_exists=True)
+        if any(t.user_attrs.get("tune_trial_id") == trial_id for t in study.get_trials(deepcopy=False)):
+            return  # already recorded (a restored experiment completing a trial a second time)
+        dists = {
+            "defense": optuna.distributions.CategoricalDistribution(sorted({c["defense"] for c in self.fixed})),
+            "seed": optuna.distributions.CategoricalDistribution(sorted({c["seed"] for c in self.fixed})),
+        }
+        params = {"defense": cfg["defense"], "seed": cfg["seed"]}
+        attrs = {"tune_trial_id": trial_id, "kind": "grid"}
+        if result is not None:
+            t = optuna.trial.create_trial(params=params, distributions=dists, user_attrs=attrs,
+                                          values=[float(result[m]) for m in METRICS],
+                                          state=optuna.trial.TrialState.COMPLETE)
+        else:
+            t = optuna.trial.create_trial(params=params, distributions=dists, user_attrs=attrs,
+                                          state=optuna.trial.TrialState.FAIL)
+        study.add_trial(t)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

@@ -336,7 +336,7 @@ class _Validator:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise self.fail(key, f"must be a number, got {value!r}")
         if lo is not None and (value < lo or (strict and value == lo)):
-            raise self.fail(key, f"must be {'>' if strict else '>='} {lo}, got {value}")
+            raise self.fail(key, f"must be {'>' if strict else '>='} {lo:g}, got {value}")
         return float(value)
 
     def study(self, raw: Any) -> StudySpec:
