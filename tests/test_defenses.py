@@ -343,3 +343,38 @@ def test_state_dict_round_trip_restores_the_suspect():
     x = torch.rand(8, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(a.sv.suspect(x), b.sv.suspect(x))
+
+
+# --- Self-Retrospection ----------------------------------------------------------------------------------------------
+
+
+def test_perturbation_search_flips_predictions_and_sr_adds_its_gradient_only_in_stage_two():
+    from abd_ray.defenses.retrospection import find_perturbation
+
+    toy = _Marked()
+    xt = torch.rand(32, 4, 2, 2, generator=torch.Generator().manual_seed(0)) * 0.5
+    delta = find_perturbation(toy, xt, inner_round=10, lr=0.1, generator=torch.Generator().manual_seed(0))
+    assert delta.shape == (1, 4, 2, 2)
+    with torch.no_grad():
+        flips = (toy((xt + delta).clamp(0, 1)).argmax(1) != toy(xt).argmax(1)).float().mean()
+    assert flips > 0.5  # a universal perturbation that changes most predictions
+
+    student = _cnn("cnn_s", seed=1)
+    teacher = _cnn("cnn_l", seed=2)
+    x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sr = build_defense("sr", {"sr_start": 0.5, "inner_round": 3, "K": 2})
+    student.train()
+    sr.bind(teacher, student, (1, 8, 8), 10, 100, torch.Generator().manual_seed(0))
+    assert sr.stage2_start(100) == 50 and sr.stage2_lr() == 5e-4
+    sr.add_student_grads(student, teacher, x, step=10)  # before the second stage: nothing
+    assert all(p.grad is None for p in student.parameters())
+    for p in student.parameters():
+        p.grad = torch.ones_like(p)
+    running = [b.clone() for b in student.buffers()]
+    sr.add_student_grads(student, teacher, x, step=60)
+    assert student.training  # mode restored
+    assert all(torch.equal(a, b) for a, b in zip(running, student.buffers(), strict=True))  # BN stats untouched
+    changed = [not torch.equal(p.grad, torch.ones_like(p)) for p in student.parameters()]
+    assert any(changed) and all(torch.isfinite(p.grad).all() for p in student.parameters())
+    m = sr.metrics()
+    assert m["sr_steps"] == 1.0 and m["sr_pert_norm"] > 0 and 0 <= m["sr_flip"] <= 100

@@ -35,6 +35,13 @@ from abd_ray.registry import DEFENSES
 _DELTA_INIT_STD = 1e-3
 
 
+def _apply(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``x + delta`` kept in the valid pixel range [0, 1]: a candidate trigger must be an image edit, so the search
+    cannot win by pushing inputs far outside the data's range (on 8x8 digits an unbounded universal perturbation
+    grows to the size of an image and stops resembling any trigger)."""
+    return (x + delta).clamp(0.0, 1.0)
+
+
 def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """Per-sample ``KL(softmax(p) || softmax(q))``."""
     log_p = F.log_softmax(p_logits, dim=1)
@@ -91,7 +98,7 @@ def find_perturbation(
         delta = (noise * _DELTA_INIT_STD).to(x.device).requires_grad_(True)
         opt = torch.optim.Adam([delta], lr=lr)
         for _ in range(inner_round):
-            loss = -_kl_rows(ref, model(x + delta)).mean() + l2 * delta.pow(2).sum()
+            loss = -_kl_rows(ref, model(_apply(x, delta))).mean() + l2 * delta.pow(2).sum()
             (g,) = torch.autograd.grad(loss, [delta])
             delta.grad = g
             opt.step()
@@ -137,7 +144,7 @@ def retrospection_hypergrad(
         def inner(ws: list[torch.Tensor], _hs: list[torch.Tensor]) -> torch.Tensor:
             # The student in both roles: the inner problem depends on theta through both sides.
             (d,) = ws
-            return -_kl_rows(student(x), student(x + d)).mean() + l2 * d.pow(2).sum()
+            return -_kl_rows(student(x), student(_apply(x, d))).mean() + l2 * d.pow(2).sum()
 
         def outer(ws: list[torch.Tensor], _hs: list[torch.Tensor]) -> torch.Tensor:
             # The clean prediction is the fixed reference: the student must move its perturbed outputs back to
@@ -145,7 +152,7 @@ def retrospection_hypergrad(
             (d,) = ws
             # Mean over the whole batch: the unperturbed samples contribute 0, so hg_out_portion sets the weight
             # of the unlearning against the KD loss, as the portion of poisoned samples does in I-BAU.
-            return _kl_rows(clean_ref, student(x + sel * d)).mean()
+            return _kl_rows(clean_ref, student(_apply(x, sel * d))).mean()
 
         w = delta.detach().clone().requires_grad_(True)
         grads = fixed_point_hypergrad([w], params, inner, outer, K=K, step=step)
@@ -252,7 +259,7 @@ class SelfRetrospection(Defense):
                 else:
                     q.grad.add_(g)
             with _EvalNoStats(student):
-                flips = (student(x + delta).argmax(1) != student(x).argmax(1)).float().mean()
+                flips = (student(_apply(x, delta)).argmax(1) != student(x).argmax(1)).float().mean()
         self.sr_steps += 1
         self._last = {**stats, "sr_pert_norm": float(delta.norm()), "sr_flip": 100.0 * float(flips)}
 

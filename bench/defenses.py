@@ -1,0 +1,119 @@
+"""Benchmark: ABD's defenses (Hong et al., ICML 2023) on digits, against the undefended run of the same cell.
+
+    python bench/defenses.py [--steps N] [--seed 0] [--only zskt] [--fresh]
+
+Cells: none / sv / sr / abd with zskt for badnet_grid, blend and trojan_3x3; none / abd with every other
+synthesizer on badnet_grid. Each run uses the package defaults (dataset budget, defense hyperparameters). Prints
+one JSON line per run; writes bench/results/defenses.json (updated after every run, so an interrupted benchmark
+resumes where it stopped unless --fresh) and bench/results/defenses.md (the table: clean_acc, asr, robust_acc,
+der against the undefended twin, and wall time relative to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+ZSKT_ATTACKS = ("badnet_grid", "blend", "trojan_3x3")
+DEFENSES = ("none", "sv", "sr", "abd")
+OTHER_SYNTHS = ("dfad", "dafl", "deepinversion", "cmi", "ood", "clean")
+
+
+def cells(only: str | None) -> list[tuple[str, str, str]]:
+    """(synthesizer, attack, defense), undefended twin first in each group."""
+    out = [("zskt", a, d) for a in ZSKT_ATTACKS for d in DEFENSES]
+    out += [(s, "badnet_grid", d) for s in OTHER_SYNTHS for d in ("none", "abd")]
+    if only:
+        out = [c for c in out if c[0] in only.split(",")]
+    return out
+
+
+def key(c: tuple[str, str, str], seed: int, steps: int | None) -> str:
+    return f"{c[0]}/{c[1]}/{c[2]}/seed{seed}/steps{steps or 'default'}"
+
+
+def run_cell(c: tuple[str, str, str], seed: int, steps: int | None, cache: str) -> dict:
+    from abd_ray.config import RunConfig
+    from abd_ray.engine.distill import distill
+
+    synth, attack, defense = c
+    flat = {"dataset": "digits", "synthesizer": synth, "defense": defense, "seed": seed, "cache_dir": cache,
+            "attack.name": attack, "attack.target": 0, "device": "auto"}
+    if steps is not None:
+        flat["steps"] = steps
+        flat["eval_every"] = steps
+    t0 = time.perf_counter()
+    res = distill(RunConfig.from_flat(flat), progress=False)
+    m = res.metrics
+    return {
+        "synthesizer": synth, "attack": attack, "defense": defense, "seed": seed, "steps": steps,
+        "clean_acc": m["clean_acc"], "asr": m["asr"], "robust_acc": m["robust_acc"],
+        "teacher_clean_acc": m.get("teacher_clean_acc"), "teacher_asr": m.get("teacher_asr"),
+        "wall_s": m["wall_s"], "process_s": round(time.perf_counter() - t0, 2),
+        "defense_metrics": {k: v for k, v in m.items() if k.startswith(("sv_", "sr_"))},
+    }
+
+
+def table(rows: dict[str, dict]) -> str:
+    from abd_ray.metrics import der
+
+    lines = [
+        "| synthesizer | attack | defense | clean_acc | asr | robust_acc | der | wall_s | time vs none |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_cell = {(r["synthesizer"], r["attack"], r["defense"], r["seed"], r["steps"]): r for r in rows.values()}
+    for (s, a, d, seed, steps), r in by_cell.items():
+        base = by_cell.get((s, a, "none", seed, steps))
+        if base is not None and d != "none":
+            dr = f"{der(base['clean_acc'], base['asr'], r['clean_acc'], r['asr']):.3f}"
+            rel = f"{r['wall_s'] / base['wall_s']:.2f}x"
+        else:
+            dr, rel = "-", ("1.00x" if d == "none" else "-")
+        lines.append(f"| {s} | {a} | {d} | {r['clean_acc']:.1f} | {r['asr']:.1f} | {r['robust_acc']:.1f} | {dr} | "
+                     f"{r['wall_s']:.0f} | {rel} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the digits budget)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default=None, help="comma-separated synthesizers to run (default: all cells)")
+    p.add_argument("--cache", default=os.environ.get("ABD_RAY_CACHE", ".abd_ray/cache"))
+    p.add_argument("--fresh", action="store_true", help="ignore results already in defenses.json")
+    p.add_argument("--smoke-test", action="store_true", help="two cells, 20 steps: checks that the script runs")
+    args = p.parse_args(argv)
+    if args.smoke_test:
+        args.steps, todo = 20, [("zskt", "badnet_grid", "none"), ("zskt", "badnet_grid", "abd")]
+    else:
+        todo = cells(args.only)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_json = RESULTS / ("defenses_smoke.json" if args.smoke_test else "defenses.json")
+    doc = {"runs": {}}
+    if out_json.exists() and not args.fresh:
+        doc = json.loads(out_json.read_text())
+    doc["machine"] = {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()}
+    doc["command"] = " ".join([Path(sys.executable).name, "bench/defenses.py", *(argv or sys.argv[1:])])
+    for c in todo:
+        k = key(c, args.seed, args.steps)
+        if k in doc["runs"]:
+            continue
+        row = run_cell(c, args.seed, args.steps, args.cache)
+        print(json.dumps(row, sort_keys=True), flush=True)
+        doc["runs"][k] = row
+        out_json.write_text(json.dumps(doc, indent=2, sort_keys=True))
+        (out_json.with_suffix(".md")).write_text(table(doc["runs"]))
+    print(table(doc["runs"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
