@@ -29,9 +29,9 @@ def as_float(
     if bad:
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
-        raise ValueError(
-            f"defense.{name}={value!r} is outside {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-        )
+        low = "-inf" if lo is None else lo
+        high = "inf" if hi is None else hi
+        raise ValueError(f"defense.{name}={value!r} is outside {left}{low}, {high}{right}")
     return v
 
 
