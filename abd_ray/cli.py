@@ -208,4 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package module, so that plugin subcommands register where main() looks for them.
+    from abd_ray.cli import main as _main
+
+    sys.exit(_main())
