@@ -14,18 +14,22 @@ from abd_ray.registry import DEFENSES
 TINY = {"deepinversion": {"iters": 3, "round_every": 2}, "cmi": {"g_steps": 3, "round_every": 2, "n_neg": 32}}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """8x8 convolutions: one thread is as fast as two, and does not collapse when the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """A cache holding a 3-epoch digits teacher (badnet_grid), the teacher of every run below."""
     from abd_ray.engine.teacher import get_teacher
 
     root = tmp_path_factory.mktemp("cache")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is as fast, and immune to a busy machine
-    try:
-        get_teacher(TeacherSpec.for_dataset("digits", epochs=3), root, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    get_teacher(TeacherSpec.for_dataset("digits", epochs=3), root, progress=False)
     return root
 
 
@@ -223,14 +227,14 @@ def test_cli_errors_are_one_line(capsys):
         assert len(err.splitlines()) == 1 and match in err, err
 
 
-@pytest.mark.slow
-def test_cli_json(digits_teacher, capsys):
+def test_cli_json(teacher, tmp_path, capsys):
     from abd_ray.cli import main
 
-    _, cache = digits_teacher  # the default digits teacher, trained once per session (conftest)
-    rc = main(
-        ["distill", "--cache", str(cache), "--steps", "4", "--set", "eval_every=2", "--set", "batch_size=16", "--json"]
-    )
-    assert rc == 0
+    argv = ["distill", "--teacher-file", str(teacher.path), "--cache", str(tmp_path), "--steps", "4"]
+    assert main([*argv, "--set", "eval_every=2", "--set", "batch_size=16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out) == {"clean_acc", "asr", "robust_acc", "teacher_clean_acc", "teacher_asr", "wall_s"}
+    assert out["teacher_asr"] > 50 and 0 <= out["clean_acc"] <= 100
+    assert main(argv) == 0  # the human summary
+    text = capsys.readouterr().out
+    assert "student clean_acc" in text and "teacher clean_acc" in text

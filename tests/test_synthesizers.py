@@ -22,6 +22,15 @@ PIXEL_RANGE = {"clean", "deepinversion", "ood"}  # inputs clamped to [0, 1]; gen
 B = 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """8x8 convolutions: one thread is as fast as two, and does not collapse when the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def toy_teacher(tmp_path_factory):
     """A digits teacher trained for 3 epochs (a second or two): enough to have opinions and BN statistics."""
@@ -29,12 +38,7 @@ def toy_teacher(tmp_path_factory):
     from abd_ray.engine.teacher import get_teacher
 
     spec = TeacherSpec.for_dataset("digits", epochs=3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is as fast, and immune to a busy machine
-    try:
-        t = get_teacher(spec, tmp_path_factory.mktemp("cache"), progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    t = get_teacher(spec, tmp_path_factory.mktemp("cache"), progress=False)
     model = t.model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -146,7 +150,7 @@ def test_dafl_generator_loss_goes_down(toy_teacher):
 
 @pytest.mark.parametrize("name", ["deepinversion", "cmi"])
 def test_inversion_round_lowers_its_loss_and_matches_bn_statistics(name, toy_teacher):
-    params = {"iters": 30} if name == "deepinversion" else {"g_steps": 30, "lr_g": 1e-2}
+    params = {"iters": 20} if name == "deepinversion" else {"g_steps": 20, "lr_g": 1e-2}
     synth, ctx = make(name, toy_teacher, params)
     with frozen(ctx.student):
         x = synth.synthesize_round(0)
