@@ -9,6 +9,11 @@ run for a trial that was running when the driver died. This callback instead:
   MLflow once per run and driver), so a trial restarted from an older checkpoint never logs a step twice;
 - logs the final artifacts from the trial's last checkpoint and marks the run FINISHED (or FAILED).
 
+A write that fails (database locked, server away) never ends the experiment: it is recorded in the study folder's
+``tracking_errors.jsonl``, and :func:`replay_tracking_errors` (run by the driver when a study ends, and again by
+``abd-ray resume``) logs what is missing from Tune's own records of those trials (``result.json`` and the final
+checkpoint), once the database answers again. Records it could not replay stay in the file and the report counts them.
+
 It holds only the study folder across pickling (Tune pickles callbacks into the experiment); the tracking URI,
 experiment and parent run are read from the folder's ``study.json``, so ``abd-ray resume --tracking-uri`` can
 point a study at a moved database.
@@ -44,6 +49,31 @@ def read_state(study_dir: str | Path) -> dict[str, Any]:
 
 
 TRACKING_ERRORS = "tracking_errors.jsonl"
+TRACKING_REPLAYED = "tracking_errors.replayed.jsonl"
+
+
+def metrics_of(result: dict[str, Any]) -> dict[str, float]:
+    """The metrics of a Tune result: numbers, minus Tune's bookkeeping keys."""
+    return {k: v for k, v in result.items()
+            if k not in TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_name(config: dict[str, Any], trial_id: str) -> str:
+    return f"{config.get('study.cell', '')}/{config.get('defense', '')}/s{config.get('seed', '')}/{trial_id}"
+
+
+def ensure_child(t, exp_id: str, parent: str, trial_id: str, config: dict[str, Any],
+                 study_file: Path | None) -> tuple[str, bool]:
+    """The child run of a trial: found by its tags, or created with its params; returns (run id, created)."""
+    rid = t.find_child(exp_id, parent, trial_id)
+    if rid is not None:
+        return rid, False
+    _, meta = split_config(config)
+    rid = t.start_child(exp_id, parent, trial_id, run_name(config, trial_id), dict(config),
+                        {"abd_ray.kind": meta.get("study.kind", ""), "abd_ray.cell": meta.get("study.cell", "")})
+    if study_file is not None:
+        t.log_artifact(rid, study_file)
+    return rid, True
 
 
 def _guarded(hook):
@@ -121,16 +151,8 @@ class MLflowTrialCallback(Callback):
         if tid in self._runs:
             return self._runs[tid]
         t = self._t()
-        rid = t.find_child(self._exp_id, self._parent, tid)
-        if rid is None:
-            _, meta = split_config(trial.config)
-            name = f"{trial.config.get('study.cell', '')}/{trial.config.get('defense', '')}" \
-                   f"/s{trial.config.get('seed', '')}/{tid}"
-            rid = t.start_child(self._exp_id, self._parent, tid, name, dict(trial.config),
-                                {"abd_ray.kind": meta.get("study.kind", ""),
-                                 "abd_ray.cell": meta.get("study.cell", "")})
-            if self._study_file is not None:
-                t.log_artifact(rid, self._study_file)
+        rid, created = ensure_child(t, self._exp_id, self._parent, tid, dict(trial.config), self._study_file)
+        if created:
             self._last_step[rid] = -1
         self._runs[tid] = rid
         return rid
@@ -155,8 +177,7 @@ class MLflowTrialCallback(Callback):
         rid = self.run_id(trial)
         t = self._t()
         step = int(result.get("step", result.get("training_iteration", 0)))
-        metrics = {k: v for k, v in result.items()
-                   if k not in TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = metrics_of(result)
         node = result.get("node_id")
         if node and self._node.get(rid) != node:
             t.set_tags(rid, {"ray.node_id": node, "ray.node_ip": result.get("node_ip", "")})
@@ -204,3 +225,99 @@ class MLflowTrialCallback(Callback):
             pass
         t.set_tags(rid, {"abd_ray.error": reason or "trial failed (see Tune's error file)"})
         t.set_status(rid, "FAILED")
+
+
+# --- replay ---------------------------------------------------------------------------------------------------------
+
+
+def _results(trial_path: str) -> list[dict[str, Any]]:
+    f = Path(trial_path) / "result.json"
+    if not f.exists():
+        return []
+    out = []
+    for line in f.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a killed driver
+    return out
+
+
+def sync_trial(t, exp_id: str, parent: str, study_file: Path | None, trial: dict[str, Any]) -> int:
+    """Bring one trial's MLflow run in line with Tune's records; returns how many metric steps were logged.
+
+    Idempotent: steps the run holds are skipped, artifacts already there are not logged again.
+    """
+    rid, _ = ensure_child(t, exp_id, parent, trial["trial_id"], trial["config"], study_file)
+    have = set(t.logged_steps(rid, SENTINEL))
+    logged = 0
+    final = None
+    for r in _results(trial["path"]):
+        if r.get("final"):
+            final = r
+            continue
+        step = int(r.get("step", r.get("training_iteration", 0)))
+        if step in have:
+            continue
+        t.log_metrics(rid, metrics_of(r), step)
+        have.add(step)
+        logged += 1
+    if final is not None:
+        keys = t.metric_keys(rid)
+        extra = {k: v for k, v in metrics_of(final).items() if k not in keys}
+        if extra:
+            t.log_metrics(rid, extra, int(final.get("step", 0)))
+    if trial["status"] == "TERMINATED" and final is not None:
+        arts = set(t.artifacts(rid))
+        for ck in sorted(Path(trial["path"]).glob("checkpoint_*"), reverse=True):
+            if (ck / FINAL_FILE).exists():
+                if (ck / ARTIFACTS).is_dir() and not any(a.startswith("student") for a in arts):
+                    t.log_artifacts(rid, ck / ARTIFACTS)
+                if FINAL_FILE not in arts:
+                    t.log_artifact(rid, ck / FINAL_FILE)
+                break
+        if t.status(rid) != "FINISHED":
+            t.set_status(rid, "FINISHED")
+    elif trial["status"] == "ERROR":
+        t.set_tags(rid, {"abd_ray.error": trial.get("error") or "trial failed (see Tune's error file)"})
+        if t.status(rid) != "FAILED":
+            t.set_status(rid, "FAILED")
+    return logged
+
+
+def replay_tracking_errors(study_dir: str | Path, trials: list[dict[str, Any]]) -> dict[str, int]:
+    """Log into MLflow what the callback could not, from Tune's records of the trials its failures touched.
+
+    Returns:
+        ``{"replayed": records resolved, "pending": records still failing, "steps": metric steps logged}``.
+        Resolved records move to ``tracking_errors.replayed.jsonl``; pending ones stay in ``tracking_errors.jsonl``.
+    """
+    from abd_ray.tracking import Tracker
+
+    study_dir = Path(study_dir)
+    errs = study_dir / TRACKING_ERRORS
+    if not errs.exists():
+        return {"replayed": 0, "pending": 0, "steps": 0}
+    records = [json.loads(x) for x in errs.read_text().splitlines() if x.strip()]
+    if not records:
+        errs.unlink()
+        return {"replayed": 0, "pending": 0, "steps": 0}
+    st = read_state(study_dir)
+    by_id = {tr["trial_id"]: tr for tr in trials}
+    f = study_dir / "study.yaml"
+    study_file = f if f.exists() else None
+    steps = 0
+    try:
+        t = Tracker(st["tracking_uri"])
+        for tid in dict.fromkeys(r["trial_id"] for r in records):
+            if tid in by_id:
+                steps += sync_trial(t, st["mlflow_experiment_id"], st["parent_run_id"], study_file, by_id[tid])
+    except Exception as e:  # noqa: BLE001 - still unreachable: keep the records for the next attempt
+        log.warning("MLflow still unreachable (%s: %s); %d tracking records kept in %s", type(e).__name__, e,
+                    len(records), errs)
+        return {"replayed": 0, "pending": len(records), "steps": steps}
+    with open(study_dir / TRACKING_REPLAYED, "a") as out:
+        for r in records:
+            out.write(json.dumps({**r, "replayed": time.time()}) + "\n")
+    errs.unlink()
+    return {"replayed": len(records), "pending": 0, "steps": steps}

@@ -125,7 +125,7 @@ def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, 
         raise ValueError(f"--max-acc-drop {max_acc_drop!r} must be a number >= 0 (percentage points), e.g. 5")
     study_dir = Path(study_dir).expanduser().resolve()
     state = read_state(study_dir)
-    spec = load_spec(study_dir / "study.yaml")
+    spec = load_spec(study_dir / "study.yaml", base_dir=state.get("cwd"))
     import dataclasses
 
     spec = dataclasses.replace(spec, name=state["name"])

@@ -68,19 +68,28 @@ def experiment_path(state: dict[str, Any]) -> str:
     return f"{state['storage'].rstrip('/')}/{EXPERIMENT}"
 
 
+LOCK = ".lock"
+OWNER = ".lock.owner"
+
+
 def lock(study_dir: str | Path) -> FileLock:
-    """Take the study folder's lock, or raise a ValueError naming the folder if another driver holds it."""
-    lk = FileLock(str(Path(study_dir) / ".lock"))
+    """Take the study folder's lock, or raise a ValueError naming the folder (and the holder's pid) if another
+    driver holds it. The lock is an OS file lock: a SIGKILLed driver releases it with its process."""
+    lk = FileLock(str(Path(study_dir) / LOCK))
     try:
         lk.acquire(timeout=0)
     except Timeout:
-        raise ValueError(f"study folder {study_dir} is in use by another abd-ray process; wait for it to end or "
-                         "stop it, then run `abd-ray resume` on the folder") from None
+        owner = Path(study_dir) / OWNER
+        pid = owner.read_text().strip() if owner.exists() else "?"
+        raise ValueError(f"study folder {study_dir} is in use by another abd-ray process (pid {pid}); wait for it "
+                         "to end or stop it, then run `abd-ray resume` on the folder") from None
+    (Path(study_dir) / OWNER).write_text(str(os.getpid()))
     return lk
 
 
 def _spec_from_state(study_dir: Path, state: dict[str, Any]) -> StudySpec:
-    spec = load_spec(study_dir / SPEC_COPY)
+    # Relative paths in the study file are relative to the folder the study was launched from.
+    spec = load_spec(study_dir / SPEC_COPY, base_dir=state.get("cwd"))
     spec = dataclasses.replace(spec, name=state["name"])
     return spec.with_smoke() if state.get("smoke") else spec
 
@@ -126,9 +135,11 @@ def launch(
         study_dir = Path(storage).expanduser().resolve() / spec.name
         tune_storage = str(study_dir)
     if (study_dir / STATE).exists():
+        if (study_dir / LOCK).exists():
+            lock(study_dir).release()  # a running driver holds it: say so rather than "resume it"
         raise ValueError(f"study folder {study_dir} already holds study {spec.name!r}; continue it with "
                          f"`abd-ray resume {study_dir}`, or start a new one with --name")
-    if study_dir.exists() and any(study_dir.iterdir()):
+    if study_dir.exists() and any(p.name not in (LOCK, OWNER) for p in study_dir.iterdir()):
         raise ValueError(f"folder {study_dir} exists and is not empty; pick another --name or --storage")
     cache = cache_dir or spec.cache_dir or os.environ.get("ABD_RAY_CACHE") or ".abd_ray/cache"
     data_root = spec.data_root or os.environ.get("ABD_RAY_DATA")
@@ -137,9 +148,15 @@ def launch(
         from abd_ray.data import load_dataset
 
         load_dataset(spec.dataset, data_root)
+    if spec.teacher_file:
+        # A teacher from elsewhere is checked before anything is created: weights-only, fitting its arch.
+        _check_teacher_file(spec)
     study_dir.mkdir(parents=True, exist_ok=True)
     lk = lock(study_dir)
     try:
+        if (study_dir / STATE).exists():  # another driver got here first, between our check and our lock
+            raise ValueError(f"study folder {study_dir} already holds study {spec.name!r}; continue it with "
+                             f"`abd-ray resume {study_dir}`, or start a new one with --name")
         (study_dir / SPEC_COPY).write_text(spec.source)
         state = {
             "format": "abd-ray-study/1",
@@ -148,6 +165,7 @@ def launch(
             "status": "created",
             "smoke": smoke,
             "spec_file": str(Path(spec_path).resolve()),
+            "cwd": os.getcwd(),
             "storage": tune_storage,
             "tracking_uri": uri,
             "cache_dir": cache if _is_uri(cache) else str(Path(cache).expanduser().resolve()),
@@ -233,6 +251,15 @@ def _tracking_setup(spec: StudySpec, state: dict[str, Any], study_dir: Path) -> 
     write_state(study_dir, state)
 
 
+def _check_teacher_file(spec: StudySpec) -> dict[str, Any]:
+    """Load a study's ``teacher_file`` (weights-only, tensors checked against the arch) and return its metadata."""
+    from abd_ray.config import TeacherSpec
+    from abd_ray.engine.teacher import load_external
+
+    tspec = TeacherSpec.from_dict(spec.teacher_spec_dict(spec.attacks[0]))
+    return load_external(spec.teacher_file, tspec).meta
+
+
 def _teacher_task(spec_dict: dict[str, Any], cache_dir: str, data_root: str | None) -> dict[str, Any]:
     """A Ray task: the teacher of ``spec_dict`` from the cache, or trained once into it."""
     import ray
@@ -249,6 +276,11 @@ def train_teachers(spec: StudySpec, state: dict[str, Any], echo: Echo) -> dict[s
     """The teacher stage: each distinct teacher of the study as one Ray task (a GPU where the cluster has one)."""
     import ray
 
+    if spec.teacher_file:
+        meta = _check_teacher_file(spec)
+        echo(f"teacher stage: the study's teacher_file {spec.teacher_file} (not trained)")
+        return {spec.attacks[0]: {"path": spec.teacher_file, "metrics": meta.get("metrics", {}), "cached": False,
+                                  "key": meta.get("key"), "external": True}}
     gpus = ray.cluster_resources().get("GPU", 0)
     task = ray.remote(_teacher_task).options(num_cpus=spec.cpu if not gpus else 1, num_gpus=1 if gpus else 0,
                                              max_retries=2)
@@ -374,7 +406,7 @@ def reconcile(spec: StudySpec, state: dict[str, Any], study_dir: Path, trials: l
       (FAILED for an errored one); the parent run is FINISHED.
     - interrupted: runs of unfinished trials and the parent become KILLED, until ``abd-ray resume`` reopens them.
     """
-    from abd_ray.study.search import close_orphans
+    from abd_ray.study.search import close_orphans, record_errors
     from abd_ray.tracking import ORPHAN_TAG, Tracker
 
     t = Tracker(state["tracking_uri"])
@@ -399,8 +431,34 @@ def reconcile(spec: StudySpec, state: dict[str, Any], study_dir: Path, trials: l
             fixes["mlflow_fixed"] += 1
     if finished:
         fixes["optuna_orphans"] = close_orphans(str(study_dir), optuna_names(spec))
+        errors = {tr["trial_id"]: tr["error"] or "error" for tr in trials if tr["status"] == "ERROR"}
+        fixes["optuna_errors"] = record_errors(str(study_dir), optuna_names(spec), errors)
     t.set_status(state["parent_run_id"], "FINISHED" if finished else "KILLED")
     return fixes
+
+
+def _finish_tracking(spec: StudySpec, state: dict[str, Any], study_dir: Path, trials: list[dict[str, Any]],
+                     finished: bool, echo: Echo) -> None:
+    """Replay failed MLflow writes, then reconcile; an unreachable database is reported, never fatal."""
+    from abd_ray.study.callbacks import TRACKING_ERRORS, replay_tracking_errors
+
+    rep = replay_tracking_errors(study_dir, trials)
+    if rep["replayed"]:
+        echo(f"MLflow: {rep['replayed']} failed tracking write(s) replayed from Tune's records "
+             f"({rep['steps']} metric step(s) logged late)")
+    try:
+        state["reconciled"] = reconcile(spec, state, study_dir, trials, finished)
+    except Exception as e:  # noqa: BLE001 - the trials' results are safe in Tune's files; MLflow can catch up
+        log.warning("MLflow reconciliation failed: %s: %s", type(e).__name__, e)
+        rep["pending"] = rep["pending"] or 1
+        with open(study_dir / TRACKING_ERRORS, "a") as f:
+            f.write(json.dumps({"time": _now(), "hook": "reconcile", "trial_id": None,
+                                "error": f"{type(e).__name__}: {e}"[:1000]}) + "\n")
+    state["tracking"] = rep
+    if rep["pending"]:
+        echo(f"MLflow at {state['tracking_uri']} could not be written ({rep['pending']} record(s) in "
+             f"{study_dir / TRACKING_ERRORS}); the results are safe in Tune's files: run `abd-ray resume "
+             f"{study_dir}` when the tracking database is reachable again to log them")
 
 
 def _drive(study_dir: Path, spec: StudySpec, state: dict[str, Any], address: str | None, echo: Echo) -> bool:
@@ -411,20 +469,22 @@ def _drive(study_dir: Path, spec: StudySpec, state: dict[str, Any], address: str
     _tracking_setup(spec, state, study_dir)
     started = _ray_init(address)
     finished = False
+    trials: list[dict[str, Any]] = []
     try:
-        state["teachers"] = train_teachers(spec, state, echo)
-        write_state(study_dir, state)
-        tuner = _tuner(spec, state, study_dir, echo)
         try:
+            state["teachers"] = train_teachers(spec, state, echo)
+            write_state(study_dir, state)
+            tuner = _tuner(spec, state, study_dir, echo)
             tuner.fit()
         except KeyboardInterrupt:
-            echo("interrupted")
-        trials = tune_trials(experiment_path(state))
+            # Ctrl-C: Tune has saved the experiment (or the teacher stage was cut short); stop cleanly.
+            echo("interrupted (Ctrl-C)")
+        if tune_can_restore(experiment_path(state)):
+            trials = tune_trials(experiment_path(state))
         done = [tr for tr in trials if tr["status"] in TERMINAL]
-        finished = len(done) >= state["planned_trials"] and len(done) == len(trials)
-        fixes = reconcile(spec, state, study_dir, trials, finished)
+        finished = bool(trials) and len(done) >= state["planned_trials"] and len(done) == len(trials)
+        _finish_tracking(spec, state, study_dir, trials, finished, echo)
         state["status"] = "finished" if finished else "interrupted"
-        state["reconciled"] = fixes
         state["updated"] = _now()
         write_state(study_dir, state)
     finally:
@@ -436,4 +496,10 @@ def _drive(study_dir: Path, spec: StudySpec, state: dict[str, Any], address: str
     else:
         echo(f"study {spec.name} stopped before every trial ended; continue it with: abd-ray resume {study_dir}")
     return finished
+
+
+def tune_can_restore(path: str) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(path)
 

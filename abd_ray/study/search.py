@@ -11,6 +11,7 @@ must import it again.
 
 from __future__ import annotations
 
+import os
 import pickle
 from typing import Any
 
@@ -164,6 +165,10 @@ class StudySearcher(Searcher):
         cfg = self.cells[cell].suggest(trial_id)
         if cfg is None:
             return None
+        # Tag the Optuna trial with Tune's id, so a failure's reason can be attached to it later (record_errors).
+        ot = getattr(self.cells[cell], "_ot_trials", {}).get(trial_id)
+        if ot is not None:
+            ot.set_user_attr("tune_trial_id", trial_id)
         self.issued[cell] += 1
         self.owner[trial_id] = cell
         return cfg
@@ -241,6 +246,29 @@ def close_orphans(study_dir: str, study_names: list[str]) -> int:
             study.set_user_attr(f"orphan_{t.number}", "RUNNING when its driver was killed; closed as FAIL")
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             n += 1
+    return n
+
+
+def record_errors(study_dir: str, study_names: list[str], errors: dict[str, str]) -> int:
+    """Attach the reason of each failed Tune trial to its Optuna study (user attr ``error.<tune trial id>``).
+
+    A finished Optuna trial takes no new attributes, so the reason goes on the study, keyed by the Tune trial id
+    that the failed trial carries as its ``tune_trial_id`` attribute. Returns how many reasons were attached.
+    """
+    if not errors or not os.path.exists(os.path.join(study_dir, "optuna.db")):
+        return 0
+    storage = optuna.storages.RDBStorage(optuna_storage_url(study_dir))
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    n = 0
+    for name in study_names:
+        if name not in existing:
+            continue
+        study = optuna.load_study(study_name=name, storage=storage)
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+            tid = t.user_attrs.get("tune_trial_id")
+            if tid in errors and study.user_attrs.get(f"error.{tid}") != errors[tid]:
+                study.set_user_attr(f"error.{tid}", errors[tid])
+                n += 1
     return n
 
 

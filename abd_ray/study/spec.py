@@ -52,6 +52,10 @@ _TOP_KEYS = {
     "search": "Optuna search (mode: search only)",
     "smoke": "budgets used with --smoke",
     "cache_dir": "teacher cache root",
+    "teacher_file": "distil every trial from this teacher (artifact folder, .safetensors or .pt state_dict) instead "
+                    "of training one; loaded weights-only, checked against the teacher's arch before any compute",
+    "faults": "fault injection for testing the study machinery: [{attack, synthesizer, defense, seed, "
+              "raise_at_step | nan_at_step}]",
     "device": "auto | cpu | cuda",
 }
 _ATTACK_KEYS = ("target", "poison_ratio", "seed", "pattern_file", "mask_file")
@@ -63,6 +67,8 @@ _SEARCH_KEYS = ("defense", "sampler", "num_samples", "seed", "include_defaults",
 _SMOKE_KEYS = tuple(SMOKE_DEFAULTS)
 _EXCLUDE_KEYS = ("attack", "synthesizer", "defense")
 _RANGE_KEYS = ("low", "high", "log", "step", "type")
+_FAULT_MATCH = ("attack", "synthesizer", "defense", "seed")
+_FAULT_KINDS = ("raise_at_step", "nan_at_step")
 
 
 def _hint(key: str, allowed: list[str] | tuple[str, ...]) -> str:
@@ -150,6 +156,8 @@ class StudySpec:
     smoke: dict[str, int] = field(default_factory=lambda: dict(SMOKE_DEFAULTS))
     cache_dir: str | None = None
     device: str = "auto"
+    teacher_file: str | None = None
+    faults: tuple[dict[str, Any], ...] = ()
     source: str = ""  # the study file's text, kept for MLflow and the study folder
 
     # --- building ------------------------------------------------------------------------------------------------
@@ -232,6 +240,10 @@ class StudySpec:
         }
         for k, v in self.synth.get(synth, {}).items():
             flat[f"synth.{k}"] = v
+        for rule in self.faults:
+            combo = {"attack": attack, "synthesizer": synth, "defense": defense, "seed": seed}
+            if all(combo[k] == rule[k] for k in _FAULT_MATCH if k in rule):
+                flat.update({f"fault.{k}": rule[k] for k in _FAULT_KINDS if k in rule})
         if kind == "grid":
             for k, v in self.defense_params.get(defense, {}).items():
                 flat[f"defense.{k}"] = v
@@ -269,8 +281,14 @@ class StudySpec:
         return d
 
 
-def load_spec(path: str | os.PathLike) -> StudySpec:
-    """Read and validate a study file (YAML, safe loader only: a study file is data, never code)."""
+def load_spec(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> StudySpec:
+    """Read and validate a study file (YAML, safe loader only: a study file is data, never code).
+
+    Args:
+        path: the study file.
+        base_dir: the folder relative paths in the file are relative to (default: the working directory); a
+            resumed study passes the folder it was launched from.
+    """
     p = Path(path)
     if not p.is_file():
         raise StudySpecError(f"study file {str(p)!r} does not exist; e.g. studies/quickstart.yaml")
@@ -280,7 +298,7 @@ def load_spec(path: str | os.PathLike) -> StudySpec:
     except yaml.YAMLError as e:
         first = str(e).replace("\n", " ")
         raise StudySpecError(f"study file {p}: not valid YAML ({first})") from None
-    spec = StudySpec.from_dict(raw, where=f"study file {p}")
+    spec = _Validator(f"study file {p}", base_dir).study(raw)
     return dataclasses.replace(spec, source=text)
 
 
@@ -290,8 +308,14 @@ def load_spec(path: str | os.PathLike) -> StudySpec:
 class _Validator:
     """Checks one study document; every error says where (``where: key``), what is wrong and what is allowed."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, base_dir: str | os.PathLike | None = None) -> None:
         self.where = where
+        self.base = Path(base_dir) if base_dir is not None else None
+
+    def path(self, value: str) -> Path:
+        """A path of the file, relative ones taken from ``base_dir`` (the launch folder) when one is given."""
+        p = Path(value).expanduser()
+        return self.base / p if self.base is not None and not p.is_absolute() else p
 
     def fail(self, key: str, msg: str) -> StudySpecError:
         return StudySpecError(f"{self.where}: {key}: {msg}")
@@ -385,7 +409,7 @@ class _Validator:
         if "seed" in attack:
             self.integer(attack["seed"], "attack.seed", 0)
         for k in ("pattern_file", "mask_file"):
-            if attack.get(k) is not None and not Path(attack[k]).is_file():
+            if attack.get(k) is not None and not self.path(str(attack[k])).is_file():
                 raise self.fail(f"attack.{k}", f"{attack[k]!r} does not exist; give the path of a PNG or NPY file")
 
         synth = self.mapping(raw.get("synth"), "synth", None)
@@ -466,6 +490,32 @@ class _Validator:
         data_root = raw.get("data_root")
         if data_root is not None and not isinstance(data_root, str):
             raise self.fail("data_root", "must be a path")
+        if data_root is not None and not self.path(data_root).is_dir():
+            raise self.fail("data_root", f"{data_root!r} is not a folder; give the folder that holds the "
+                                         "torchvision datasets (e.g. ./data with cifar-10-batches-py in it)")
+        teacher_file = raw.get("teacher_file")
+        if teacher_file is not None:
+            if not isinstance(teacher_file, str) or not self.path(teacher_file).exists():
+                raise self.fail("teacher_file", f"{teacher_file!r} does not exist; give a teacher artifact folder, "
+                                                ".safetensors or .pt state_dict")
+            if len(attacks) != 1:
+                raise self.fail("attacks", f"{list(attacks)}: with teacher_file the study distils one given teacher, "
+                                           "so list exactly the one attack it carries")
+        faults = []
+        faults_raw = raw.get("faults") or []
+        if not isinstance(faults_raw, list):
+            raise self.fail("faults", "must be a list of {attack, synthesizer, defense, seed, raise_at_step | "
+                                      "nan_at_step} mappings")
+        for i, rule in enumerate(faults_raw):
+            rule = self.mapping(rule, f"faults[{i}]", _FAULT_MATCH + _FAULT_KINDS)
+            if not any(k in rule for k in _FAULT_KINDS):
+                raise self.fail(f"faults[{i}]", f"names no fault; give one of: {', '.join(_FAULT_KINDS)}")
+            for k in _FAULT_KINDS:
+                if k in rule:
+                    self.integer(rule[k], f"faults[{i}].{k}", 1)
+            if "seed" in rule:
+                self.integer(rule["seed"], f"faults[{i}].seed", 0)
+            faults.append(rule)
 
         search = None
         if mode == "search":
@@ -483,6 +533,8 @@ class _Validator:
             defense_params={k: dict(v or {}) for k, v in defense_params.items()}, exclude=tuple(exclude),
             teacher=teacher, student=student, budget=budget, cpu=cpu, gpu=gpu, max_concurrent=max_concurrent,
             max_failures=max_failures, search=search, smoke=smoke, cache_dir=cache_dir, device=device,
+            teacher_file=str(self.path(teacher_file).resolve()) if teacher_file else None,
+            faults=tuple(faults),
         )
         if spec.planned_trials() == 0:
             raise self.fail("exclude", "excludes every trial of the study")

@@ -8,6 +8,18 @@ checkpoint with the trial's artifacts (sample grid, trigger, student weights), w
 
 Only ``ray.tune.report`` / ``get_checkpoint`` / ``Checkpoint`` are used here: ``ray.train.*`` inside a Tune
 function fails the trial in recent Ray releases.
+
+Guards and fault injection (study layer only; the engine knows nothing of them):
+
+- a trial whose losses become non-finite is failed with a :class:`FloatingPointError` naming the loss and the step,
+  before that evaluation is checkpointed (so a retry resumes from the last sound state);
+- a damaged checkpoint (truncated ``state.pt``) is not fatal: the trial falls back to the newest older checkpoint of
+  the same trial that still reads, or starts over, with a warning;
+- ``fault.*`` keys of the flat config (from a study file's ``faults:`` rules, see docs/errors.md) make a chosen trial
+  fail on purpose, to exercise the retry, failure and reporting paths on the real stack:
+  ``fault.raise_at_step: N`` raises at the first evaluation at or after step N; ``fault.nan_at_step: N`` makes the
+  teacher's logits NaN from the evaluation at step N on (a broken teacher), so the losses really go NaN and the
+  guard above fails the trial.
 """
 
 from __future__ import annotations
@@ -29,11 +41,41 @@ ARTIFACTS = "artifacts"
 PROGRESS_FILE = "progress.json"
 
 
+META_PREFIXES = ("study.", "fault.")
+FAULT_KEYS = ("raise_at_step", "nan_at_step")
+
+
+class InjectedFault(RuntimeError):
+    """The failure a ``fault.raise_at_step`` key asks for."""
+
+
 def split_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a trial's flat dict into the run config keys and the study's own ``study.*`` metadata."""
-    run = {k: v for k, v in config.items() if not k.startswith("study.")}
-    meta = {k: v for k, v in config.items() if k.startswith("study.")}
+    """Split a trial's flat dict into the run config keys and the study's own ``study.*`` / ``fault.*`` metadata."""
+    run = {k: v for k, v in config.items() if not k.startswith(META_PREFIXES)}
+    meta = {k: v for k, v in config.items() if k.startswith(META_PREFIXES)}
     return run, meta
+
+
+def check_finite(metrics: dict[str, float], step: int) -> None:
+    """Raise a FloatingPointError if a loss of an evaluation is NaN or infinite (the run has diverged)."""
+    bad = {k: v for k, v in metrics.items() if "loss" in k and isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        k, v = sorted(bad.items())[0]
+        raise FloatingPointError(f"non-finite loss {k}={v} at step {step}: the run diverged (or its teacher emits "
+                                 "NaN); lower the learning rates or check the teacher file")
+
+
+def _nan_logits_hook(armed: dict[str, bool]):
+    """A teacher forward hook that turns its logits into NaN once ``armed['on']`` is set (fault.nan_at_step)."""
+
+    def hook(module, inputs, output):
+        if not armed["on"]:
+            return None
+        if isinstance(output, tuple):
+            return (torch.full_like(output[0], float("nan")), *output[1:])
+        return torch.full_like(output, float("nan"))
+
+    return hook
 
 
 def _node_id() -> str:
@@ -86,8 +128,25 @@ def write_artifacts(folder: Path, cfg, result) -> None:
         save_file(state, str(folder / "student.safetensors"))
 
 
+def _older_checkpoints(ckpt: tune.Checkpoint) -> list[Path]:
+    """The trial's other checkpoint folders older than ``ckpt``, newest first (local storage only)."""
+    try:
+        import pyarrow.fs
+
+        if not isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
+            return []
+    except Exception:  # noqa: BLE001 - no way to list a remote store here: the caller starts over instead
+        return []
+    here = Path(ckpt.path)
+    return sorted((p for p in here.parent.glob("checkpoint_*") if p.is_dir() and p.name < here.name), reverse=True)
+
+
 def _read_checkpoint(ckpt: tune.Checkpoint) -> tuple[dict | None, dict | None, str | None]:
-    """(loop state, final record, local copy of a final checkpoint) of a checkpoint; a damaged one yields Nones."""
+    """(loop state, final record, local copy of a final checkpoint) of a checkpoint.
+
+    A damaged checkpoint (a truncated or altered ``state.pt``) falls back, with a warning, to the newest older
+    checkpoint of the trial that reads; if none does, the run starts over (all Nones).
+    """
     from abd_ray.engine.distill import load_state
 
     with ckpt.as_directory() as d:
@@ -98,20 +157,31 @@ def _read_checkpoint(ckpt: tune.Checkpoint) -> tuple[dict | None, dict | None, s
             return None, json.loads((d / FINAL_FILE).read_text()), keep
         try:
             return load_state(d / STATE_FILE), None, None
-        except Exception as e:  # noqa: BLE001 - a truncated file must not end the trial: start over instead
-            warnings.warn(f"trial checkpoint {d} is unreadable ({type(e).__name__}: {e}); starting the run over",
-                          stacklevel=2)
-            return None, None, None
+        except Exception as e:  # noqa: BLE001 - a truncated file must not end the trial
+            first = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    for older in _older_checkpoints(ckpt):
+        try:
+            state = load_state(older / STATE_FILE)
+        except Exception:  # noqa: BLE001 - damaged too: try the next older one
+            continue
+        warnings.warn(f"trial checkpoint {ckpt.path} is unreadable ({first}); falling back to the older checkpoint "
+                      f"{older} (step {state.get('step')})", stacklevel=2)
+        return state, None, None
+    warnings.warn(f"trial checkpoint {ckpt.path} is unreadable ({first}) and no older one reads; starting the run "
+                  "over", stacklevel=2)
+    return None, None, None
 
 
 def train_trial(config: dict[str, Any]) -> None:
     """Run one trial: distil with reports and checkpoints at every evaluation, then a final report."""
     from abd_ray.config import RunConfig
     from abd_ray.engine.distill import distill, save_state
-    from abd_ray.engine.teacher import load_artifact
+    from abd_ray.engine.teacher import load_external
 
-    run_flat, _ = split_config(config)
+    run_flat, meta = split_config(config)
     cfg = RunConfig.from_flat(run_flat)
+    raise_at = meta.get("fault.raise_at_step")
+    nan_at = meta.get("fault.nan_at_step")
     node = _node_id()
 
     resume_state, final, final_dir = None, None, None
@@ -125,16 +195,27 @@ def train_trial(config: dict[str, Any]) -> None:
         return
     resumed_from = int(resume_state["step"]) if resume_state is not None else 0
 
-    teacher = load_artifact(cfg.teacher_file) if cfg.teacher_file else None
+    # load_external reads a cache artifact (checking its recorded hash) or a user's file, weights-only either way.
+    teacher = load_external(cfg.teacher_file, cfg.teacher_spec()) if cfg.teacher_file else None
+    armed = {"on": nan_at is not None and resumed_from >= int(nan_at)}
+    if nan_at is not None and teacher is not None:
+        teacher.model.register_forward_hook(_nan_logits_hook(armed))
 
     def report(metrics: dict[str, float], step: int, get_state) -> None:
+        # Checked before the checkpoint is written, so a retry starts from the last sound evaluation.
+        check_finite(metrics, step)
+        if raise_at is not None and step >= int(raise_at):
+            raise InjectedFault(f"fault injection: fault.raise_at_step={raise_at} reached at step {step}")
         with tempfile.TemporaryDirectory(prefix="abd-ckpt-") as d:
             save_state(get_state(), Path(d) / STATE_FILE)
             (Path(d) / PROGRESS_FILE).write_text(json.dumps({"step": step}))
             tune.report({**_clean(metrics), "step": step, "resumed_from": resumed_from, "node_id": node},
                         checkpoint=tune.Checkpoint.from_directory(d))
+        if nan_at is not None and step >= int(nan_at):
+            armed["on"] = True
 
     result = distill(cfg, teacher=teacher, report=report, resume_state=resume_state, progress=False)
+    check_finite(result.metrics, int(cfg.resolved().steps))
     steps = int(cfg.resolved().steps)
     final = {**_clean(result.metrics), "step": steps, "final": 1, "resumed_from": resumed_from}
     with tempfile.TemporaryDirectory(prefix="abd-final-") as d:
