@@ -1,0 +1,268 @@
+"""Search efficiency (``bench/run.py search``): hypervolume of the (clean_acc, asr) front against finished trials.
+
+Digits / badnet_grid / zskt, ABD. Every sampler (tpe, nsga2, gp, random) runs as a real study (Ray Tune +
+Optuna + MLflow, :func:`abd_ray.study.runner.launch`) on a generated study file, over the space of the paper's
+sweep: ``coef`` in [0.1, 10] (log), ``inner_round`` in [10, 20], SR on/off (``sr_start`` in {on, 1.0}: at 1.0 the
+second stage never starts). The grid -- coef 0.1/1/10 x inner_round 10/20 x SR on/off, 12 points of which 9 are
+distinct, since inner_round means nothing with SR off -- runs through the same runner, its points handed to the
+study as fixed trials. Hypervolume: reference point (clean_acc 0, asr 100), both in percent, so the largest
+possible value is 10,000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+
+
+def hypervolume(points: list[tuple[float, float]]) -> float:
+    """Area dominated by ``(clean_acc, asr)`` points, clean_acc maximised and asr minimised, ref (0, 100)."""
+    pts = sorted(((a, 100.0 - s) for a, s in points if a == a and s == s and a > 0 and s < 100), reverse=True)
+    hv, best_y = 0.0, 0.0
+    for x, y in pts:  # x descending: each point adds the strip above the best y so far
+        if y > best_y:
+            hv += x * (y - best_y)
+            best_y = y
+    return hv
+
+
+def curve(rows: list[dict[str, Any]]) -> list[float]:
+    """Hypervolume after each finished trial, in the order the trials finished."""
+    out, pts = [], []
+    for r in rows:
+        pts.append((r["clean_acc"], r["asr"]))
+        out.append(hypervolume(pts))
+    return out
+
+
+def study_yaml(name: str, sampler: str, n: int, seed: int, steps: int, sr_on: float, concurrent: int) -> str:
+    return f"""name: {name}
+mode: search
+dataset: digits
+attacks: [badnet_grid]
+synthesizers: [zskt]
+defenses: []
+seeds: [{seed}]
+budget: {{steps: {steps}, eval_every: {steps // 2}, batch_size: 64}}
+resources: {{cpu: 1, gpu: 0}}
+max_concurrent: {concurrent}
+max_failures: 1
+search:
+  defense: abd
+  sampler: {sampler}
+  num_samples: {n}
+  seed: {seed}
+  include_defaults: false
+  population_size: 4
+  space:
+    coef: {{low: 0.1, high: 10.0, log: true}}
+    inner_round: {{low: 10, high: 20}}
+    sr_start: {{choices: [{sr_on}, 1.0]}}
+"""
+
+
+def grid_points(sr_on: float) -> list[dict[str, Any]]:
+    pts = []
+    for coef in (0.1, 1.0, 10.0):
+        for sr in (sr_on, 1.0):
+            for ir in ((10, 20) if sr < 1.0 else (10,)):
+                pts.append({"defense.coef": coef, "defense.inner_round": ir, "defense.sr_start": sr})
+    return pts
+
+
+def run_study(path: Path, storage: Path, cache: str, grid: list[dict[str, Any]] | None) -> Path:
+    """Launch one study in this process; with ``grid``, the study's fixed trials are the grid's points."""
+    from abd_ray.study import runner
+    from abd_ray.study.spec import StudySpec
+
+    orig_grid, orig_planned = StudySpec.grid_configs, StudySpec.planned_trials
+    if grid is not None:
+        def grid_configs(self):  # the grid's points as fixed trials of defense abd
+            base = self.base_config(self.attacks[0], self.synthesizers[0], "abd", self.seeds[0], "grid")
+            return [{**base, **p} for p in grid]
+
+        StudySpec.grid_configs = grid_configs
+        StudySpec.planned_trials = lambda self: len(grid)
+    try:
+        study_dir, _ = runner.launch(path, storage=str(storage), tracking_uri=f"sqlite:///{storage}/mlflow.db",
+                                     cache_dir=cache, echo=lambda m: print(m, flush=True))
+    finally:
+        StudySpec.grid_configs, StudySpec.planned_trials = orig_grid, orig_planned
+    return study_dir
+
+
+def rows_of(study_dir: Path) -> list[dict[str, Any]]:
+    from abd_ray.study.report import trial_rows
+    from abd_ray.study.runner import experiment_path, read_state, tune_trials
+
+    trials = tune_trials(experiment_path(read_state(study_dir)))
+    ended = {t["trial_id"]: float(t["last_result"].get("timestamp", 0)) for t in trials}
+    rows = [r for r in trial_rows(trials) if r["status"] == "TERMINATED"]
+    rows.sort(key=lambda r: ended[r["trial_id"]])  # the order in which trials finished
+    return rows
+
+
+def search_main(args: argparse.Namespace, argv: list[str]) -> None:
+    import run as R  # bench/run.py (on sys.path)
+
+    steps = 10 if args.smoke else args.steps
+    n = 2 if args.smoke else args.trials
+    seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
+    samplers = ["tpe"] if args.smoke else args.samplers.split(",")
+    work = Path(tempfile.mkdtemp(prefix="abd-bench-search-"))
+    out_json = R.RESULTS / ("search_smoke.json" if args.smoke else "search.json")
+    doc: dict[str, Any] = json.loads(out_json.read_text()) if out_json.exists() and args.resume else {}
+    doc.update({"machine": R.machine(), "command": R.cmdline(argv), "steps": steps, "sr_on": args.sr_on,
+                "trials_per_sampler": n, "seeds": seeds})
+    doc.setdefault("runs", {})
+    grid = grid_points(args.sr_on)[: (2 if args.smoke else None)]
+    for seed in seeds:
+        jobs = [("grid", None)] + [(s, s) for s in samplers]
+        for label, sampler in jobs:
+            key = f"{label}/seed{seed}"
+            if key in doc["runs"]:
+                continue
+            name = f"bench-search-{label}-s{seed}-{int(time.time())}"
+            f = work / f"{name}.yaml"
+            f.write_text(study_yaml(name, sampler or "random", 0 if sampler is None else n, seed, steps, args.sr_on,
+                                    args.concurrent))
+            if sampler is None:  # grid: no search trials, the grid's points as fixed trials
+                txt = f.read_text().replace("num_samples: 0", "num_samples: 1")
+                f.write_text(txt)
+            t0, l0 = time.perf_counter(), R.load()
+            study_dir = run_study(f, work / "studies", args.cache, grid if sampler is None else None)
+            rows = rows_of(study_dir)
+            if sampler is None:
+                rows = [r for r in rows if r["kind"] == "grid"]
+            doc["runs"][key] = {
+                "label": label, "seed": seed, "wall_s": round(time.perf_counter() - t0, 1), "load": [l0, R.load()],
+                "trials": [{k: r[k] for k in ("trial_id", "clean_acc", "asr", "params", "wall_s")} for r in rows],
+                "hv": curve(rows),
+            }
+            print(json.dumps({"run": key, "hv": doc["runs"][key]["hv"], "wall_s": doc["runs"][key]["wall_s"]}),
+                  flush=True)
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    summary = summarise(doc)
+    doc["summary"] = summary
+    out_json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    png = R.RESULTS / ("search_smoke.png" if args.smoke else "search.png")
+    plot(doc, png)
+    md = markdown(doc, png)
+    print(md)
+    if not args.smoke:
+        R.update_section("search", md)
+
+
+def summarise(doc: dict[str, Any]) -> dict[str, Any]:
+    """Per sampler: mean HV curve over seeds, and the first trial count reaching 95% of the grid's final HV."""
+    runs = doc["runs"]
+    seeds = sorted({r["seed"] for r in runs.values()})
+    labels = list(dict.fromkeys(r["label"] for r in runs.values()))
+    out: dict[str, Any] = {"grid_final_hv": {}, "reach95": {}, "mean_curve": {}}
+    for s in seeds:
+        g = runs.get(f"grid/seed{s}")
+        if g and g["hv"]:
+            out["grid_final_hv"][s] = g["hv"][-1]
+    for lab in labels:
+        curves = [runs[f"{lab}/seed{s}"]["hv"] for s in seeds if f"{lab}/seed{s}" in runs]
+        if not curves:
+            continue
+        m = min(len(c) for c in curves)
+        out["mean_curve"][lab] = [statistics.fmean(c[i] for c in curves) for i in range(m)]
+        reach = []
+        for s in seeds:
+            r, g = runs.get(f"{lab}/seed{s}"), out["grid_final_hv"].get(s)
+            if r is None or g is None:
+                continue
+            hit = next((i + 1 for i, v in enumerate(r["hv"]) if v >= 0.95 * g), None)
+            reach.append(hit)
+        out["reach95"][lab] = reach
+    return out
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for lab, c in doc["summary"]["mean_curve"].items():
+        ax.plot(range(1, len(c) + 1), c, marker="o", label=lab, linestyle="--" if lab == "grid" else "-")
+    for s, g in doc["summary"]["grid_final_hv"].items():
+        ax.axhline(0.95 * g, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("finished trials")
+    ax.set_ylabel("hypervolume (clean_acc, asr), ref (0, 100)")
+    ax.set_title(f"digits/badnet_grid/zskt, ABD, {doc['steps']} steps/trial")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown(doc: dict[str, Any], png: Path) -> str:
+    import run as R
+
+    s = doc["summary"]
+    runs = doc["runs"]
+    seeds = sorted({r["seed"] for r in runs.values()})
+    grid_n = max((len(r["hv"]) for r in runs.values() if r["label"] == "grid"), default=0)
+    lines = ["## Search efficiency: hypervolume vs finished trials (digits, badnet_grid, zskt, ABD)", "",
+             f"Command: `{doc['command']}`  ", f"Machine: {R.machine_line(doc['machine'])}", "",
+             f"Reduced budget: {doc['steps']} steps per trial (the digits default is 3000), SR on = `sr_start` "
+             f"{doc['sr_on']} (SR for the last {round((1 - doc['sr_on']) * doc['steps'])} steps), SR off = "
+             f"`sr_start` 1.0. Each sampler: a real study (`abd_ray.study.runner.launch`: Ray Tune + Optuna + "
+             f"MLflow) of {doc['trials_per_sampler']} trials, 2 at a time, 1 CPU each, sampler seed = run seed. "
+             f"Grid: coef 0.1/1/10 x inner_round 10/20 x SR on/off = 12 nominal points, {grid_n} distinct (inner_round "
+             f"is moot with SR off), run through the same runner as fixed trials. Seeds: {seeds}. "
+             f"Hypervolume ref (clean_acc 0, asr 100); max 10,000.", "",
+             f"![hypervolume vs trials]({png.relative_to(R.HERE)})", "",
+             "| run | seed | HV after each finished trial | final HV | trials to 95% of grid's final HV | study wall s |",
+             "|---|---|---|---|---|---|"]
+    for key, r in runs.items():
+        g = s["grid_final_hv"].get(r["seed"])
+        hit = next((i + 1 for i, v in enumerate(r["hv"]) if g and v >= 0.95 * g), None)
+        lines.append(f"| {r['label']} | {r['seed']} | {', '.join(f'{v:.0f}' for v in r['hv'])} | "
+                     f"{r['hv'][-1] if r['hv'] else float('nan'):.0f} | {hit if hit else 'not reached'} | "
+                     f"{r['wall_s']:.0f} (load {r['load'][0]}->{r['load'][1]}) |")
+    lines.append("")
+    best = None
+    for lab, reach in s["reach95"].items():
+        if lab == "grid" or not reach or any(h is None for h in reach):
+            continue
+        v = max(reach)
+        if best is None or v < best[1]:
+            best = (lab, v)
+    third_nominal, third_distinct = 12 / 3, grid_n / 3
+    if best:
+        ok = best[1] <= third_nominal
+        lines.append(f"Target: the best sampler reaches 95% of the grid's final hypervolume within a third of the "
+                     f"grid's trials (4 of 12 nominal; {third_distinct:.0f} of {grid_n} distinct). Best: {best[0]}, "
+                     f"{best[1]} trial(s) (worst seed) -> {'met' if ok else 'NOT met'} against 12 nominal, "
+                     f"{'met' if best[1] <= third_distinct else 'NOT met'} against {grid_n} distinct.")
+    else:
+        lines.append("Target: no sampler reached 95% of the grid's final hypervolume on every seed within its "
+                     "trials -> NOT met.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def register(sub) -> dict[str, Any]:
+    p = sub.add_parser("search", help="search efficiency: hypervolume vs trials for 4 samplers and the paper grid")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--sr-on", type=float, default=0.9)
+    p.add_argument("--trials", type=int, default=6)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--samplers", default=",".join(SAMPLERS))
+    p.add_argument("--concurrent", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="keep the runs already in search.json")
+    return {"search": search_main}
+
