@@ -112,6 +112,7 @@ def cmd_teacher(args) -> int:
     )
     spec.validate()
     resolve_device(args.device)
+    check_trigger(spec.attack, spec.dataset)
     _check_data_root(args.dataset, args.data_root)
     t0 = time.perf_counter()
     if args.teacher_file:
@@ -142,6 +143,15 @@ def cmd_teacher(args) -> int:
         print(f"  clean_acc {out['clean_acc']:.2f}  asr {out['asr']:.2f}  robust_acc {out['robust_acc']:.2f}")
         print(f"  {out['path']}")
     return 0
+
+
+def check_trigger(attack, dataset: str) -> None:
+    """Build the attack's trigger once, so an unreadable pattern or mask file fails before any compute."""
+    from abd_ray.attacks import make_trigger
+    from abd_ray.data import dataset_info
+
+    if attack.active:
+        make_trigger(attack, dataset_info(dataset).shape)
 
 
 def _check_data_root(dataset: str, data_root: str | None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,25 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+_SECRET_ENV = re.compile(r"(PASSWORD|SECRET|TOKEN|CREDENTIAL|_KEY|_KEY_ID)$|^AWS_|AUTH", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the values of secret-looking environment variables and URL credentials replaced by ``***``.
+
+    Params and tags are copied into a database other people read, so a secret must never reach one, even when a
+    user puts it into a config value or a tracking URI by mistake.
+    """
+    out = _URL_USERINFO.sub(r"\1***@", text)
+    for name, value in os.environ.items():
+        if len(value) >= 6 and _SECRET_ENV.search(name) and value in out:
+            out = out.replace(value, "***")
+    return out
+
+
 def _param_value(v: Any) -> str:
-    s = str(v)
+    s = redact(str(v))
     return s if len(s) <= _MAX_PARAM_LEN else s[: _MAX_PARAM_LEN - 3] + "..."
 
 
@@ -79,7 +97,8 @@ class Tracker:
 
     def start_parent(self, experiment_id: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         """Create the study's parent run and log its params; returns the run id."""
-        run = self.client.create_run(experiment_id, run_name=name, tags={STUDY_TAG: name, **tags})
+        run = self.client.create_run(experiment_id, run_name=name,
+                                     tags={k: redact(str(v)) for k, v in {STUDY_TAG: name, **tags}.items()})
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -97,7 +116,8 @@ class Tracker:
                     tags: dict[str, str]) -> str:
         """Create a trial's child run (tagged with its parent and its Tune trial id) and log its params."""
         run = self.client.create_run(
-            experiment_id, run_name=name, tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, **tags}
+            experiment_id, run_name=name,
+            tags={k: redact(str(v)) for k, v in {PARENT_TAG: parent_id, TRIAL_TAG: trial_id, **tags}.items()},
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -142,7 +162,7 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         if tags:
-            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self.client.log_batch(run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         """Log finite numbers and NaN at ``step`` in one batch (callers make sure a step is logged once)."""

@@ -14,31 +14,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
-
-STUDY = {
-    "name": "tiny",
-    "mode": "search",
-    "dataset": "digits",
-    "attacks": ["badnet_grid"],
-    "synthesizers": ["zskt"],
-    "synth": {"zskt": {"n_s": 1}},
-    "defenses": ["none"],
-    "seeds": [0],
-    "teacher": {"epochs": 2},
-    "budget": {"steps": 12, "eval_every": 4, "batch_size": 32},
-    "resources": {"cpu": 1},
-    "max_concurrent": 2,
-    "max_failures": 2,
-    "search": {"defense": "abd", "sampler": "tpe", "num_samples": 2, "seed": 0,
-               "space": {"coef": {"low": 0.1, "high": 1.0, "log": True}, "hg_out_portion": {"low": 0.01, "high": 0.1}}},
-}
+from studyutil import STUDY, check_agreement, write_study
+from studyutil import cli as _cli
+from studyutil import trial_dirs as _trial_dirs
 
 
 @pytest.fixture(scope="module")
@@ -53,44 +36,6 @@ def _env(monkeypatch):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
-def write_study(tmp_path: Path, **over) -> Path:
-    d = json.loads(json.dumps(STUDY))
-    d.update(over)
-    f = tmp_path / f"{d['name']}.yaml"
-    f.write_text(yaml.safe_dump(d))
-    return f
-
-
-def agreement(study_dir: Path) -> dict:
-    """The counts that must agree, read back from Tune's files, optuna.db and the MLflow database."""
-    from abd_ray.study.report import build_report
-    from abd_ray.tracking import Tracker
-
-    rep = build_report(study_dir)
-    st = json.loads((study_dir / "study.json").read_text())
-    t = Tracker(st["tracking_uri"])
-    runs = t.child_runs(st["mlflow_experiment_id"], st["parent_run_id"])
-    steps = {r["trial_id"]: t.logged_steps(r["run_id"], "clean_acc") for r in runs}
-    return {"report": rep, "counts": rep["counts"], "runs": runs, "steps": steps, "tracker": t, "state": st}
-
-
-def check_agreement(study_dir: Path, planned: int, search: int, steps: int = 12) -> dict:
-    a = agreement(study_dir)
-    c = a["counts"]
-    assert c["planned"] == planned
-    assert c["tune"] == {"TERMINATED": planned}, c
-    # Every Tune trial is one Optuna trial (searched ones in the cell's study, fixed ones in its grid study).
-    assert c["optuna_total"] == {"COMPLETE": planned}, c  # nothing RUNNING, nothing FAIL
-    assert c["mlflow"]["children"] == {"FINISHED": planned}, c
-    assert c["mlflow"]["parent_status"] == "FINISHED"
-    trial_ids = {r["trial_id"] for r in a["report"]["trials"]}
-    assert {r["trial_id"] for r in a["runs"]} == trial_ids  # one run per trial, keyed by Tune's trial id
-    for tid, logged in a["steps"].items():
-        assert logged == sorted(set(logged)), f"trial {tid} logged a step twice: {logged}"
-        assert logged[-1] == steps
-    return a
 
 
 def test_study_end_to_end(tmp_path, cache, capsys):
@@ -140,15 +85,6 @@ def test_bad_study_file_fails_before_ray(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "search.sampler: unknown sampler 'hyperband'" in err and "allowed: tpe, nsga2, gp, random" in err
     assert not (tmp_path / "runs").exists()  # nothing was created, nothing was started
-
-
-def _cli(*args: str) -> list[str]:
-    # Not `python -m abd_ray.cli`: run as __main__, that module would not see the commands plugins register.
-    return [sys.executable, "-c", "import sys; from abd_ray.cli import main; sys.exit(main())", *args]
-
-
-def _trial_dirs(study_dir: Path) -> list[Path]:
-    return sorted((study_dir / "tune").glob("trial_*")) if (study_dir / "tune").exists() else []
 
 
 @pytest.mark.slow

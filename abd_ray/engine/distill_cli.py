@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from abd_ray.cli import _add_common_data, _check_data_root, _print_json, attack_spec_from_args, register_command
+from abd_ray.cli import (
+    _add_common_data,
+    _check_data_root,
+    _print_json,
+    attack_spec_from_args,
+    check_trigger,
+    register_command,
+)
 
 JSON_KEYS = ("clean_acc", "asr", "robust_acc", "teacher_clean_acc", "teacher_asr", "wall_s")
 
@@ -64,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg, _, _ = check_config(cfg)  # every bad input is reported here, before any compute
     _check_data_root(cfg.dataset, cfg.data_root)
+    if cfg.teacher_file is None:
+        check_trigger(cfg.attack, cfg.dataset)  # a bad pattern file fails here, not after the teacher stage
+    else:
+        from abd_ray.engine.teacher import load_external
+
+        load_external(cfg.teacher_file, cfg.teacher_spec())  # refused here (code payload, misfit) before compute
     result = distill(cfg, progress=not args.json)
     m = result.metrics
     if args.json:

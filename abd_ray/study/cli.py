@@ -22,10 +22,19 @@ def _add_study(sub) -> None:
     p.add_argument("--max-acc-drop", type=float, default=5.0, help="allowed clean_acc drop of the recommendation")
 
 
+def _check_drop(value: float) -> None:
+    """--max-acc-drop is checked before a study starts (not when its report is written, hours later)."""
+    import math
+
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"--max-acc-drop {value!r} must be a number >= 0 (percentage points), e.g. 5")
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from abd_ray.study.report import write_report
     from abd_ray.study.runner import launch
 
+    _check_drop(args.max_acc_drop)
     study_dir, finished = launch(args.file, storage=args.storage, name=args.name, tracking_uri=args.tracking_uri,
                                  address=args.address, smoke=args.smoke, cache_dir=args.cache)
     _, md = write_report(study_dir, args.max_acc_drop)
@@ -46,6 +55,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from abd_ray.study.report import write_report
     from abd_ray.study.runner import resume
 
+    _check_drop(args.max_acc_drop)
     study_dir, finished = resume(args.dir, address=args.address, tracking_uri=args.tracking_uri)
     _, md = write_report(study_dir, args.max_acc_drop)
     print(md)

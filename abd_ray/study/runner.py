@@ -148,6 +148,11 @@ def launch(
         from abd_ray.data import load_dataset
 
         load_dataset(spec.dataset, data_root)
+    from abd_ray.attacks import AttackSpec
+    from abd_ray.cli import check_trigger
+
+    for attack in spec.attacks:  # an unreadable pattern / mask file fails here, not in the teacher stage
+        check_trigger(AttackSpec(**spec.teacher_spec_dict(attack)["attack"]), spec.dataset)
     if spec.teacher_file:
         # A teacher from elsewhere is checked before anything is created: weights-only, fitting its arch.
         _check_teacher_file(spec)
@@ -378,6 +383,26 @@ def _tuner(spec: StudySpec, state: dict[str, Any], study_dir: Path, echo: Echo):
     )
 
 
+def _error_of(trial) -> str:
+    """The last line of a failed trial's error file, read from the trial's folder in storage.
+
+    Not ``trial.error_file``: that points into the driver's Ray session folder and raises once Ray is shut down
+    (a report written after the study, or by ``abd-ray report``).
+    """
+    try:
+        name = trial.run_metadata.error_filename or "error.txt"
+    except Exception:  # noqa: BLE001 - older experiment states: Tune's default name
+        name = "error.txt"
+    for f in dict.fromkeys([Path(trial.path) / name, Path(trial.path) / "error.txt"]):
+        try:
+            lines = [x for x in f.read_text().strip().splitlines() if x.strip()]
+        except OSError:
+            continue
+        if lines:
+            return lines[-1].strip()
+    return "error (no error file in the trial folder)"
+
+
 def tune_trials(path: str) -> list[dict[str, Any]]:
     """Every trial of a Tune experiment: id, status, config, last result, error (read without Ray running)."""
     from ray.tune import ExperimentAnalysis
@@ -387,13 +412,10 @@ def tune_trials(path: str) -> list[dict[str, Any]]:
     for t in ea.trials:
         err = None
         if t.status == "ERROR":
-            ef = getattr(t, "error_file", None)
-            try:
-                err = Path(ef).read_text().strip().splitlines()[-1] if ef and Path(ef).exists() else "error"
-            except OSError:
-                err = "error"
+            err = _error_of(t)
         out.append({"trial_id": t.trial_id, "status": t.status, "config": dict(t.config),
-                    "last_result": dict(t.last_result or {}), "error": err, "path": t.path})
+                    "last_result": dict(t.last_result or {}), "error": err, "path": t.path,
+                    "num_failures": int(getattr(t, "num_failures", 0) or 0)})
     return out
 
 
@@ -456,7 +478,9 @@ def _finish_tracking(spec: StudySpec, state: dict[str, Any], study_dir: Path, tr
                                 "error": f"{type(e).__name__}: {e}"[:1000]}) + "\n")
     state["tracking"] = rep
     if rep["pending"]:
-        echo(f"MLflow at {state['tracking_uri']} could not be written ({rep['pending']} record(s) in "
+        from abd_ray.tracking import redact
+
+        echo(f"MLflow at {redact(state['tracking_uri'])} could not be written ({rep['pending']} record(s) in "
              f"{study_dir / TRACKING_ERRORS}); the results are safe in Tune's files: run `abd-ray resume "
              f"{study_dir}` when the tracking database is reachable again to log them")
 

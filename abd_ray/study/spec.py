@@ -295,8 +295,12 @@ def load_spec(path: str | os.PathLike, base_dir: str | os.PathLike | None = None
     text = p.read_text()
     try:
         raw = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        mark = f" line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
+        raise StudySpecError(f"study file {p}{mark}: YAML tags ({(e.problem or '').split(' tag ')[-1]}) are not "
+                             "allowed: a study file is plain data (mappings, lists, strings, numbers)") from None
     except yaml.YAMLError as e:
-        first = str(e).replace("\n", " ")
+        first = " ".join(str(e).split())
         raise StudySpecError(f"study file {p}: not valid YAML ({first})") from None
     spec = _Validator(f"study file {p}", base_dir).study(raw)
     return dataclasses.replace(spec, source=text)

@@ -1,0 +1,263 @@
+"""Fault injection against the real stack (Ray Tune, Optuna, MLflow on SQLite), with tiny budgets.
+
+Two studies carry most checks, so the suite stays within a few minutes on two cores:
+
+- ``killed``: the driver SIGKILLed in the teacher stage, then mid-trial; the cached teacher and the running trial's
+  checkpoints truncated; a resume (the teacher is retrained, the trial starts over, both with a warning) stopped
+  with SIGINT; a resume SIGKILLed between two trials; a last resume that completes. At the end Tune's trials =
+  Optuna's COMPLETE trials = MLflow's FINISHED child runs = the planned count, and no step is logged twice.
+- ``faulty``: one trial raising (``fault.raise_at_step``) and one whose losses go NaN (``fault.nan_at_step``),
+  each retried once and then FAILED with its reason in Tune, Optuna and MLflow; the MLflow database locked for a
+  while (the writes that fail are replayed at the end); a second driver on the folder refused by the lock; no
+  secret of the environment in any MLflow param or log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from studyutil import check_agreement, cli, kill_when, results, start_driver, trial_dirs, wait, write_study
+
+pytestmark = pytest.mark.faults
+
+TINY = {"synth": {"zskt": {"n_s": 1}}, "defenses": ["none"], "teacher": {"epochs": 3, "seed": 7},
+        "resources": {"cpu": 1}, "search": None, "mode": "grid"}
+SECRETS = {"MLFLOW_TRACKING_PASSWORD": "pw-9f2c1e77aa", "AWS_SECRET_ACCESS_KEY": "aws-5be04c3d19",
+           "AWS_ACCESS_KEY_ID": "AKIAFAKE0451"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("faults-cache")
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def _teacher_dirs(cache: Path) -> list[Path]:
+    return [d for d in (cache / "teachers").glob("*") if d.is_dir() and (d / "teacher.json").exists()] \
+        if (cache / "teachers").exists() else []
+
+
+@pytest.mark.slow
+def test_kills_sigint_and_damaged_files_then_resume(tmp_path, cache):
+    shutil.rmtree(cache / "teachers", ignore_errors=True)  # the teacher stage must really train
+    f = write_study(tmp_path, name="killed", seeds=[0, 1, 2], max_concurrent=1, max_failures=2,
+                    budget={"steps": 24, "eval_every": 4, "batch_size": 32}, **TINY)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    study_dir = tmp_path / "runs" / "killed"
+    logs = [tmp_path / f"driver{i}.log" for i in range(5)]
+
+    # 1. SIGKILL in the teacher stage: before any teacher is written.
+    p = start_driver(["study", str(f), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri, "--cache",
+                      str(cache)], logs[0], tmp_path)
+    kill_when(p, lambda: "teacher stage" in logs[0].read_text(), logs[0])
+    wait(p)
+    assert not _teacher_dirs(cache) and not trial_dirs(study_dir)
+
+    # 2. resume, SIGKILL mid-trial: a trial has checkpointed three evaluations (so Tune's saved state holds one)
+    # and none has finished.
+    def mid_trial() -> bool:
+        rs = [results(d) for d in trial_dirs(study_dir)]
+        return any(len(r) >= 3 for r in rs) and not any(x.get("final") for r in rs for x in r)
+
+    p = start_driver(["resume", str(study_dir)], logs[1], tmp_path)
+    kill_when(p, mid_trial, logs[1])
+    wait(p)
+    (teacher,) = _teacher_dirs(cache)
+    running = [d for d in trial_dirs(study_dir) if results(d) and not any(x.get("final") for x in results(d))]
+    assert len(running) == 1
+
+    # 3. damage: the cached teacher's weights and every checkpoint of the running trial, cut short.
+    w = teacher / "teacher.safetensors"
+    w.write_bytes(w.read_bytes()[:200])
+    states = list(running[0].glob("checkpoint_*/state.pt"))
+    assert states
+    for s in states:
+        s.write_bytes(s.read_bytes()[:100])
+    before = len(results(running[0]))
+
+    # ... resume: the teacher is retrained, the trial starts over (warnings say so); Ctrl-C once it has moved on.
+    p = start_driver(["resume", str(study_dir)], logs[2], tmp_path)
+    kill_when(p, lambda: len(results(running[0])) >= before + 2, logs[2], sig=signal.SIGINT, group=False)
+    rc = wait(p, 180)
+    out = logs[2].read_text()
+    assert rc == 1, out[-3000:]
+    assert "cached teacher is damaged, retraining it" in out and "do not match their recorded SHA-256" in out
+    assert "is unreadable" in out and "starting the run over" in out
+    assert f"continue it with: abd-ray resume {study_dir}" in out
+    assert "Traceback" not in out.split("interrupted")[-1]
+    assert json.loads((study_dir / "study.json").read_text())["status"] == "interrupted"
+    meta = json.loads((teacher / "teacher.json").read_text())
+    import hashlib
+
+    assert hashlib.sha256((teacher / "teacher.safetensors").read_bytes()).hexdigest() == meta["weights_sha256"]
+    restarted = results(running[0])[before:]
+    assert restarted and restarted[0]["resumed_from"] == 0 and restarted[0]["step"] == 4
+
+    # 4. resume, SIGKILL between trials: one more trial has finished and no other has reported yet.
+    finals0 = sum(any(x.get("final") for x in results(d)) for d in trial_dirs(study_dir))
+
+    def between() -> bool:
+        rs = [results(d) for d in trial_dirs(study_dir)]
+        finals = sum(any(x.get("final") for x in r) for r in rs)
+        return finals0 < finals < 3 and all(any(x.get("final") for x in r) for r in rs if r)
+
+    p = start_driver(["resume", str(study_dir)], logs[3], tmp_path)
+    kill_when(p, between, logs[3])
+    wait(p)
+
+    # 5. the last resume completes.
+    p = start_driver(["resume", str(study_dir)], logs[4], tmp_path)
+    rc = wait(p, 300)
+    assert rc == 0, logs[4].read_text()[-3000:]
+    a = check_agreement(study_dir, planned=3, steps=24)
+    assert all(s == [4, 8, 12, 16, 20, 24] for s in a["steps"].values()), a["steps"]
+    st = json.loads((study_dir / "study.json").read_text())
+    assert st["attempts"] == 5 and st["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_failing_trials_locked_mlflow_second_driver_and_secrets(tmp_path, cache):
+    f = write_study(tmp_path, name="faulty", seeds=[0, 1, 2], max_concurrent=2, max_failures=1,
+                    budget={"steps": 24, "eval_every": 4, "batch_size": 32},
+                    faults=[{"seed": 1, "raise_at_step": 12}, {"seed": 2, "nan_at_step": 8}], **TINY)
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    study_dir = tmp_path / "runs" / "faulty"
+    log = tmp_path / "driver.log"
+    p = start_driver(["study", str(f), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri, "--cache",
+                      str(cache)], log, tmp_path, env=SECRETS)
+    import subprocess
+
+    try:
+        # A second driver on the same folder, while the first runs: refused by the lock, nothing of the first touched.
+        deadline = time.time() + 120
+        while not (study_dir / "study.json").exists() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        spec_copy = (study_dir / "study.yaml").read_bytes()
+        first = json.loads((study_dir / "study.json").read_text())
+        for argv in (["study", str(f), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri],
+                     ["resume", str(study_dir)]):
+            r = subprocess.run(cli(*argv), capture_output=True, text=True, cwd=tmp_path, timeout=120)
+            assert r.returncode == 2, r.stderr
+            assert "is in use by another abd-ray process" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert (study_dir / "study.yaml").read_bytes() == spec_copy
+        assert json.loads((study_dir / "study.json").read_text())["created"] == first["created"]
+
+        # The tracking database locked (as by another writer) once the trials report: MLflow writes fail.
+        deadline = time.time() + 180
+        while not any(results(d) for d in trial_dirs(study_dir)) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        con = sqlite3.connect(db, timeout=60, isolation_level=None)
+        con.execute("BEGIN EXCLUSIVE")
+        time.sleep(24)  # longer than MLflow's 20 s wait for a locked SQLite database
+        con.execute("ROLLBACK")
+        con.close()
+        rc = wait(p, 300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert rc == 0, out[-4000:]
+
+    # The failures were recorded, then replayed from Tune's records once the database answered.
+    assert "failed tracking write(s) replayed" in out, out[-3000:]
+    assert not (study_dir / "tracking_errors.jsonl").exists()
+    assert (study_dir / "tracking_errors.replayed.jsonl").read_text().strip()
+
+    a = check_agreement(study_dir, planned=3, steps=24, failed=2)
+    rows = {r["seed"]: r for r in a["report"]["trials"]}
+    assert rows[0]["status"] == "TERMINATED" and a["steps"][rows[0]["trial_id"]] == [4, 8, 12, 16, 20, 24]
+    assert "fault.raise_at_step=12" in rows[1]["error"], rows[1]
+    assert "non-finite loss" in rows[2]["error"], rows[2]
+    # Retried as configured (max_failures 1): each failing trial ran twice.
+    from abd_ray.study.runner import tune_trials
+
+    nfail = {tr["trial_id"]: tr["num_failures"] for tr in tune_trials(str(study_dir / "tune"))}
+    assert nfail[rows[1]["trial_id"]] == 2 and nfail[rows[2]["trial_id"]] == 2 and nfail[rows[0]["trial_id"]] == 0
+    # The reason in Optuna (on the cell's study, keyed by the Tune trial id) and in MLflow (a tag of the run).
+    import optuna
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{study_dir}/optuna.db")
+    attrs = {}
+    for s in optuna.get_all_study_summaries(storage):
+        attrs.update(optuna.load_study(study_name=s.study_name, storage=storage).user_attrs)
+    assert "fault.raise_at_step=12" in attrs[f"error.{rows[1]['trial_id']}"]
+    assert "non-finite loss" in attrs[f"error.{rows[2]['trial_id']}"]
+    t = a["tracker"]
+    for seed, needle in ((1, "fault.raise_at_step"), (2, "non-finite loss")):
+        run = next(r for r in a["runs"] if r["trial_id"] == rows[seed]["trial_id"])
+        assert needle in t.client.get_run(run["run_id"]).data.tags["abd_ray.error"]
+    # The report lists the failures.
+    md = (study_dir / "report" / "report.md").read_text()
+    assert "Trials that did not finish" in md and rows[1]["trial_id"] in md and rows[2]["trial_id"] in md
+
+    # No secret of the environment in any param or tag, the driver's output or the study folder's record.
+    texts = [out, (study_dir / "study.json").read_text()]
+    for run in a["runs"] + [{"run_id": a["state"]["parent_run_id"]}]:
+        data = t.client.get_run(run["run_id"]).data
+        texts += [json.dumps(data.params), json.dumps(data.tags)]
+    for secret in SECRETS.values():
+        assert not any(secret in x for x in texts), secret
+
+
+def test_replay_keeps_records_while_mlflow_is_unreachable(tmp_path):
+    from abd_ray.study.callbacks import TRACKING_ERRORS, replay_tracking_errors
+
+    (tmp_path / "study.json").write_text(json.dumps({
+        "tracking_uri": f"sqlite:///{tmp_path}/no/such/dir/mlflow.db", "mlflow_experiment_id": "1",
+        "parent_run_id": "x"}))
+    rec = {"time": 0, "hook": "on_trial_result", "trial_id": "t1", "error": "OperationalError: locked", "step": 4}
+    (tmp_path / TRACKING_ERRORS).write_text(json.dumps(rec) + "\n")
+    res = replay_tracking_errors(tmp_path, [{"trial_id": "t1", "status": "TERMINATED", "config": {},
+                                             "path": str(tmp_path), "error": None}])
+    assert res["pending"] == 1 and res["replayed"] == 0
+    assert json.loads((tmp_path / TRACKING_ERRORS).read_text()) == rec  # kept for the next attempt
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    from ray import tune
+
+    from abd_ray.engine.distill import STATE_FORMAT, save_state
+    from abd_ray.study.trainable import STATE_FILE, _read_checkpoint
+
+    for i, step in ((0, 4), (1, 8)):
+        save_state({"format": STATE_FORMAT, "step": step, "w": torch.ones(3) * step},
+                   tmp_path / f"checkpoint_00000{i}" / STATE_FILE)
+    newest = tmp_path / "checkpoint_000001" / STATE_FILE
+    newest.write_bytes(newest.read_bytes()[:50])
+    with pytest.warns(UserWarning, match="falling back to the older checkpoint .*checkpoint_000000 \\(step 4\\)"):
+        state, final, _ = _read_checkpoint(tune.Checkpoint.from_directory(str(tmp_path / "checkpoint_000001")))
+    assert final is None and state["step"] == 4 and torch.equal(state["w"], torch.ones(3) * 4)
+    # Nothing older reads either: start over, with a warning.
+    old = tmp_path / "checkpoint_000000" / STATE_FILE
+    old.write_bytes(b"\x00" * 10)
+    with pytest.warns(UserWarning, match="starting the run over"):
+        state, final, _ = _read_checkpoint(tune.Checkpoint.from_directory(str(tmp_path / "checkpoint_000001")))
+    assert state is None and final is None
+    warnings.simplefilter("default")
+
+
+def test_non_finite_losses_are_caught():
+    from abd_ray.study.trainable import check_finite
+
+    check_finite({"clean_acc": 10.0, "loss_kd": 1.5, "asr": float("nan")}, 4)  # a NaN asr is no loss
+    with pytest.raises(FloatingPointError, match="non-finite loss loss_kd=nan at step 8"):
+        check_finite({"loss_kd": float("nan")}, 8)
+    with pytest.raises(FloatingPointError, match="loss_gen=inf"):
+        check_finite({"loss_gen": float("inf")}, 8)
