@@ -91,10 +91,12 @@ def run_study(path: Path, storage: Path, cache: str, grid: list[dict[str, Any]] 
         StudySpec.grid_configs = grid_configs
         StudySpec.planned_trials = lambda self: len(grid)
     try:
-        study_dir, _ = runner.launch(path, storage=str(storage), tracking_uri=f"sqlite:///{storage}/mlflow.db",
+        study_dir, finished = runner.launch(path, storage=str(storage), tracking_uri=f"sqlite:///{storage}/mlflow.db",
                                      cache_dir=cache, echo=lambda m: print(m, flush=True))
     finally:
         StudySpec.grid_configs, StudySpec.planned_trials = orig_grid, orig_planned
+    if not finished:
+        raise SystemExit(f"study {study_dir} was interrupted: stopping (rerun with --resume to keep finished runs)")
     return study_dir
 
 
