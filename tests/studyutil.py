@@ -71,10 +71,12 @@ def check_agreement(study_dir: Path, planned: int, search: int = 0, steps: int =
     trial_ids = {r["trial_id"] for r in a["report"]["trials"]}
     assert {r["trial_id"] for r in a["runs"]} == trial_ids  # one run per trial, keyed by Tune's trial id
     status = {r["trial_id"]: r["status"] for r in a["report"]["trials"]}
-    for tid, logged in a["steps"].items():
-        assert logged == sorted(set(logged)), f"trial {tid} logged a step twice: {logged}"
+    for tid, logged in list(a["steps"].items()):
+        # Order may differ (a step that failed to log is replayed late); a step may not repeat.
+        assert len(logged) == len(set(logged)), f"trial {tid} logged a step twice: {logged}"
+        a["steps"][tid] = sorted(logged)
         if status[tid] == "TERMINATED":
-            assert logged[-1] == steps
+            assert max(logged) == steps
     return a
 
 

@@ -113,7 +113,7 @@ CASES = [
     # abd-ray resume / report
     ("resume {tmp}/nowhere", "holds no abd-ray study (study.json is missing)"),
     ("report {tmp}/nowhere", "holds no abd-ray study (study.json is missing)"),
-    ("report .", ". holds no abd-ray study"),
+    ("report .", "holds no abd-ray study (study.json is missing)"),
     ("list --bogus", "unrecognized arguments: --bogus"),
 ]
 # Run through the installed command in a subprocess too (exit status and stderr as a shell sees them).
