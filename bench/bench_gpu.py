@@ -103,9 +103,8 @@ def sharing(ks: list[int], steps: int, device: str, cache: str) -> list[dict[str
 
 
 def gpu_main(args: argparse.Namespace, argv: list[str]) -> None:
-    import torch
-
     import run as R
+    import torch
 
     cpu = args.cpu or args.smoke
     device = "cpu" if cpu else "cuda"
@@ -147,11 +146,12 @@ def gpu_main(args: argparse.Namespace, argv: list[str]) -> None:
                          f"{r.get('speedup_vs_fp32', float('nan')):.2f}x | {r['peak_mib'] or '-'} |")
     lines += ["", "| trials sharing the device (digits zskt, quickstart size) | per-trial steps/s | vs k=1 | "
               "total steps/s |", "|---|---|---|---|"]
+    def f(v: Any, nd: int = 1) -> str:
+        return f"{v:.{nd}f}" if isinstance(v, float) else "-"
+
     for r in share:
-        f = (lambda v: f"{v:.1f}" if isinstance(v, float) else "-")
-        lines.append(f"| {r['k']} | {f(r['mean_per_trial_steps_per_s'])} | "
-                     f"{f(r['per_trial_vs_k1']) if r['per_trial_vs_k1'] is None else format(r['per_trial_vs_k1'], '.2f')}"
-                     f" | {f(r['total_steps_per_s'])} |")
+        lines.append(f"| {r['k']} | {f(r['mean_per_trial_steps_per_s'])} | {f(r['per_trial_vs_k1'], 2)} | "
+                     f"{f(r['total_steps_per_s'])} |")
     lines += ["", f"Largest k with per-trial throughput >= half of k=1: {doc['max_k_at_half_throughput']}", ""]
     md = "\n".join(lines)
     (out.with_suffix(".md")).write_text(md)

@@ -199,7 +199,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for lab, c in doc["summary"]["mean_curve"].items():
         ax.plot(range(1, len(c) + 1), c, marker="o", label=lab, linestyle="--" if lab == "grid" else "-")
-    for s, g in doc["summary"]["grid_final_hv"].items():
+    for g in doc["summary"]["grid_final_hv"].values():
         ax.axhline(0.95 * g, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("finished trials")
     ax.set_ylabel("hypervolume (clean_acc, asr), ref (0, 100)")
@@ -227,9 +227,10 @@ def markdown(doc: dict[str, Any], png: Path) -> str:
              f"is moot with SR off), run through the same runner as fixed trials. Seeds: {seeds}. "
              f"Hypervolume ref (clean_acc 0, asr 100); max 10,000.", "",
              f"![hypervolume vs trials]({png.relative_to(R.HERE)})", "",
-             "| run | seed | HV after each finished trial | final HV | trials to 95% of grid's final HV | study wall s |",
+             "| run | seed | HV after each finished trial | final HV | trials to 95% of grid's final HV "
+             "| study wall s |",
              "|---|---|---|---|---|---|"]
-    for key, r in runs.items():
+    for r in runs.values():
         g = s["grid_final_hv"].get(r["seed"])
         hit = next((i + 1 for i, v in enumerate(r["hv"]) if g and v >= 0.95 * g), None)
         lines.append(f"| {r['label']} | {r['seed']} | {', '.join(f'{v:.0f}' for v in r['hv'])} | "

@@ -266,7 +266,8 @@ def schedule_ratios(cells: dict[tuple[str, str], dict], synth: str, fractions: d
         abd2 = cells[(synth, "abd")]["cpu_s_per_step"]
     except KeyError:
         return {}
-    out: dict[str, Any] = {"sv_step_ratio": sv / c0, "sr_stage_step_ratio": sr2 / c0, "abd_stage2_step_ratio": abd2 / c0}
+    out: dict[str, Any] = {"sv_step_ratio": sv / c0, "sr_stage_step_ratio": sr2 / c0,
+                           "abd_stage2_step_ratio": abd2 / c0}
     for name, f in fractions.items():
         out[f"abd_trial_ratio@{name}"] = ((1 - f) * sv + f * abd2) / c0
         out[f"sr_trial_ratio@{name}"] = ((1 - f) * c0 + f * sr2) / c0
@@ -299,6 +300,8 @@ def cost_main(args: argparse.Namespace, argv: list[str]) -> None:
                         cells[(s, d)] = r
         return cells
 
+    if args.from_log:
+        return cost_from_log(args, argv, doc, fractions)
     if not args.cifar_only:
         steps, ev = (6, 3) if args.smoke else (args.steps or 100, (args.steps or 100) // 2)
         cells = grid("digits", synths, steps, ev)
@@ -341,6 +344,32 @@ def cost_main(args: argparse.Namespace, argv: list[str]) -> None:
             update_section("cost_cifar", md.split("<!-- cifar -->")[1] if "<!-- cifar -->" in md else md)
 
 
+def cost_from_log(args: argparse.Namespace, argv: list[str], doc: dict[str, Any], fractions: dict[str, float]) -> None:
+    """Render the cells printed by a (possibly interrupted) ``cost`` run: one JSON line per cell in its log."""
+    rows = [json.loads(ln) for ln in Path(args.from_log).read_text().splitlines() if ln.startswith('{"synth"')]
+    doc["command"] = f"{cmdline(['cost', '--cifar'])} (cells rendered from its log by {cmdline(argv)})"
+    for ds, key in (("digits", "digits"), ("cifar10", "cifar")):
+        cells = {(r["synth"], r["defense"]): r for r in rows if r.get("dataset") == ds}
+        if not cells:
+            continue
+        synths = list(dict.fromkeys(s for s, _ in cells))
+        first = next(iter(cells.values()))
+        doc[key] = {"steps": first["steps"], "eval_every": first["steps"] - first["measured_steps"],
+                    "cells": list(cells.values()), "ratios": {s: schedule_ratios(cells, s, fractions) for s in synths}}
+        if key == "digits":
+            doc[key]["idle_rss_mib"] = idle_rss(1)
+        else:
+            doc[key].update(batch=128, note="fake CIFAR-10 folder (random pixels) and a random-weight WRN-16-2 "
+                                            "teacher file; speed does not depend on either")
+    write_json("cost", doc, False)
+    md = cost_markdown(doc)
+    print(md)
+    if "digits" in doc:
+        update_section("cost", md.split("<!-- cifar -->")[0])
+    if "cifar" in doc:
+        update_section("cost_cifar", md.split("<!-- cifar -->")[1])
+
+
 def _cell_table(cells: list[dict], per_step_unit: str = "ms") -> list[str]:
     scale = 1000.0 if per_step_unit == "ms" else 1.0
     by = {(c["synth"], c["defense"]): c for c in cells}
@@ -358,7 +387,8 @@ def _cell_table(cells: list[dict], per_step_unit: str = "ms") -> list[str]:
                 row.append(f"error: {c['error'][:60]}")
             else:
                 cpu = c["cpu_s_per_step"]
-                row.append(f"{1 / cpu:.2f}/s ({cpu * scale:.1f} {per_step_unit} CPU, wall {c['wall_s_per_step'] * scale:.1f}; "
+                wall = c["wall_s_per_step"] * scale
+                row.append(f"{1 / cpu:.2f}/s ({cpu * scale:.1f} {per_step_unit} CPU, wall {wall:.1f}; "
                            f"{c['maxrss_mib']:.0f} MiB; load {c['load']})")
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -452,7 +482,7 @@ def zskt_main(args: argparse.Namespace, argv: list[str]) -> None:
 
     fns = {"seed": seed_fn, "ours": ours(False), "ours_channels_last": ours(True)}
     times: dict[str, list[dict[str, float]]] = {k: [] for k in fns}
-    for k, fn in fns.items():
+    for fn in fns.values():
         fn(0)  # warm-up
     for r in range(reps):
         order = list(fns) if r % 2 == 0 else list(fns)[::-1]
@@ -508,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--cifar-synths", default="zskt")
     c.add_argument("--cifar-steps", type=int, default=2)
     c.add_argument("--cifar-round-iters", type=int, default=20)
+    c.add_argument("--from-log", default=None, help="render the cells a cost run printed to this log")
 
     z = sub.add_parser("zskt", help="the seed's ZSKT pseudo batch vs ours, interleaved")
     z.add_argument("--reps", type=int, default=3)

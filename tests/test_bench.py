@@ -1,0 +1,49 @@
+"""The benchmark entry point's pure helpers (no timings asserted: benchmarks are not tests)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+run = pytest.importorskip("run")
+bench_search = pytest.importorskip("bench_search")
+
+
+def test_hypervolume_of_a_front():
+    hv = bench_search.hypervolume
+    assert hv([]) == 0.0
+    assert hv([(90.0, 10.0)]) == pytest.approx(90 * 90)
+    # a dominated point adds nothing; two front points add their strips
+    assert hv([(90.0, 10.0), (80.0, 20.0)]) == pytest.approx(90 * 90)
+    assert hv([(90.0, 10.0), (95.0, 50.0)]) == pytest.approx(95 * 50 + 90 * 40)
+    assert bench_search.curve([{"clean_acc": 50.0, "asr": 50.0}, {"clean_acc": 100.0, "asr": 0.0}]) == [2500, 10000]
+
+
+def test_grid_points_collapse_inner_round_without_sr():
+    pts = bench_search.grid_points(0.9)
+    assert len(pts) == 9  # 3 coef x (2 inner_round with SR + 1 without)
+    assert len({tuple(sorted(p.items())) for p in pts}) == 9
+
+
+def test_schedule_ratio_weights_the_stages():
+    cells = {("zskt", "none"): {"cpu_s_per_step": 1.0}, ("zskt", "sv"): {"cpu_s_per_step": 1.2},
+             ("zskt", "sr"): {"cpu_s_per_step": 5.0}, ("zskt", "abd"): {"cpu_s_per_step": 6.0}}
+    r = run.schedule_ratios(cells, "zskt", {"half": 0.5})
+    assert r["abd_trial_ratio@half"] == pytest.approx(0.5 * 1.2 + 0.5 * 6.0)
+    assert r["sr_trial_ratio@half"] == pytest.approx(3.0)
+
+
+def test_update_section_replaces_only_its_block(tmp_path, monkeypatch):
+    md = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(run, "RESULTS_MD", md)
+    run.update_section("zskt", "zskt one")
+    run.update_section("cost", "cost one")
+    run.update_section("zskt", "zskt two")
+    text = md.read_text()
+    assert "zskt two" in text and "zskt one" not in text and "cost one" in text
+    assert text.index("BEGIN cost") < text.index("BEGIN zskt")  # fixed section order
