@@ -94,7 +94,7 @@ CASES = [
     # abd-ray study: files, names, services
     ("study {tmp}/nowhere.yaml", "does not exist; e.g. studies/quickstart.yaml"),
     ("study {tmp}/broken.yaml", "not valid YAML"),
-    ("study {tmp}/tag.yaml", "YAML tags"),
+    ("study {tmp}/tag.yaml", "tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed"),
     ("study {tmp}/list.yaml", "must be a YAML mapping"),
     ("study {tmp}/unknown_key.yaml", "budgt: unknown key (did you mean 'budget'?)"),
     ("study {tmp}/escape.yaml", "name: '../escape' is not a valid study name"),

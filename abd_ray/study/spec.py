@@ -297,8 +297,9 @@ def load_spec(path: str | os.PathLike, base_dir: str | os.PathLike | None = None
         raw = yaml.safe_load(text)
     except yaml.constructor.ConstructorError as e:
         mark = f" line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
-        raise StudySpecError(f"study file {p}{mark}: YAML tags ({(e.problem or '').split(' tag ')[-1]}) are not "
-                             "allowed: a study file is plain data (mappings, lists, strings, numbers)") from None
+        raise StudySpecError(f"study file {p}{mark}: not valid YAML for a study: tag "
+                             f"{(e.problem or '').split(' tag ')[-1]} is not allowed (a study file is plain data: "
+                             "mappings, lists, strings, numbers)") from None
     except yaml.YAMLError as e:
         first = " ".join(str(e).split())
         raise StudySpecError(f"study file {p}: not valid YAML ({first})") from None
