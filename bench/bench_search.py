@@ -120,12 +120,14 @@ def search_main(args: argparse.Namespace, argv: list[str]) -> None:
     samplers = ["tpe"] if args.smoke else args.samplers.split(",")
     work = Path(tempfile.mkdtemp(prefix="abd-bench-search-"))
     out_json = R.RESULTS / ("search_smoke.json" if args.smoke else "search.json")
-    doc: dict[str, Any] = json.loads(out_json.read_text()) if out_json.exists() and args.resume else {}
-    doc.update({"machine": R.machine(), "command": R.cmdline(argv), "steps": steps, "sr_on": args.sr_on,
-                "trials_per_sampler": n, "seeds": seeds})
+    keep = out_json.exists() and (args.resume or args.render)
+    doc: dict[str, Any] = json.loads(out_json.read_text()) if keep else {}
+    if not args.render:
+        doc.update({"machine": R.machine(), "command": R.cmdline(argv), "steps": steps, "sr_on": args.sr_on,
+                    "trials_per_sampler": n, "seeds": seeds})
     doc.setdefault("runs", {})
     grid = grid_points(args.sr_on)[: (2 if args.smoke else None)]
-    for seed in seeds:
+    for seed in ([] if args.render else seeds):
         jobs = [("grid", None)] + [(s, s) for s in samplers]
         for label, sampler in jobs:
             key = f"{label}/seed{seed}"
@@ -267,5 +269,6 @@ def register(sub) -> dict[str, Any]:
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     p.add_argument("--concurrent", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="keep the runs already in search.json")
+    p.add_argument("--render", action="store_true", help="run nothing: plot and tabulate the runs in search.json")
     return {"search": search_main}
 
