@@ -84,8 +84,10 @@ def test_shuffled_copies_differ_only_in_input_channel_order_of_chosen_layers(k):
         assert torch.allclose(ens(x), torch.stack([m(x) for m in ens.copies]).mean(0), atol=1e-6)
 
 
-def test_auto_layer_count_spares_the_first_convolution_of_small_models():
-    assert resolve_shuffled_layers(_cnn(), "auto") == [1, 2]  # digits CNN: the last 2 of 3
+def test_auto_layer_count_keeps_the_papers_share_of_the_depth():
+    assert resolve_shuffled_layers(_cnn(), "auto") == [2]  # digits CNN: the last 1 of 3
+    wrn2 = build_model("wrn16_2", num_classes=10, shape=(3, 8, 8), mean=(0.5,), std=(0.5,))
+    assert resolve_shuffled_layers(wrn2, "auto") == list(range(11, 16))  # the paper's last 5 of 16
 
 
 @pytest.mark.parametrize("k", [4, -4, 100])

@@ -114,6 +114,7 @@ def retrospection_hypergrad(
     K: int = 5,
     step: float = 0.1,
     generator: torch.Generator | None = None,
+    reference: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, float]]:
     """The gradient of SR's outer loss with respect to the student's parameters, through ``delta*``.
 
@@ -126,6 +127,9 @@ def retrospection_hypergrad(
         K: fixed-point iterations.
         step: the fixed-point map's gradient step.
         generator: picks the perturbed samples.
+        reference: logits the perturbed batch is pulled towards; default the student's own clean logits
+            ``S(x)`` (ALGORITHMS.md). Passing the teacher's logits ``T(x)`` gives I-BAU's form of the outer
+            loss, whose unperturbed samples then carry the ordinary KD loss into the bilevel objective.
 
     Returns:
         One gradient per trainable parameter, and statistics (the outer loss, how many samples were perturbed).
@@ -139,7 +143,7 @@ def retrospection_hypergrad(
 
     with _EvalNoStats(student):
         with torch.no_grad():
-            clean_ref = student(x)
+            clean_ref = student(x) if reference is None else reference.detach().float()
 
         def inner(ws: list[torch.Tensor], _hs: list[torch.Tensor]) -> torch.Tensor:
             # The student in both roles: the inner problem depends on theta through both sides.
@@ -177,6 +181,8 @@ class SelfRetrospection(Defense):
         fp_step: the fixed-point map's inner gradient-descent step (paper: 0.1).
         sup_resume_lr: the student's fresh learning rate for the second stage, cosine over what remains
             (paper: 5e-4).
+        hg_ref: the outer loss's reference: ``student`` (ALGORITHMS.md: ``KL(S(x) || S(x'))``) or ``teacher``
+            (``KL(T(x) || S(x'))``, I-BAU's form with the teacher's outputs as labels).
         sr_start: where the second stage starts, as a fraction of the step budget in [0, 1]. Default 0.9: the
             paper resumed from the last few hundred of 80,000 pseudo batches; on digits' 3,000 steps the last
             10% leaves the retrospection enough steps to act.
@@ -193,6 +199,7 @@ class SelfRetrospection(Defense):
         "fp_step": 0.1,
         "sup_resume_lr": 5e-4,
         "sr_start": 0.9,
+        "hg_ref": "student",
     }
 
     def validate(self) -> None:
@@ -206,6 +213,7 @@ class SelfRetrospection(Defense):
         p["fp_step"] = as_float("fp_step", p["fp_step"], lo=0.0, lo_open=True)
         p["sup_resume_lr"] = as_float("sup_resume_lr", p["sup_resume_lr"], lo=0.0, lo_open=True)
         p["sr_start"] = as_float("sr_start", p["sr_start"], lo=0.0, hi=1.0)
+        p["hg_ref"] = as_choice("hg_ref", p["hg_ref"], ("student", "teacher"))
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -248,8 +256,12 @@ class SelfRetrospection(Defense):
         x = x.detach()
         pert_model = student if p["pert_model"] == "student" else teacher
         delta = find_perturbation(pert_model, x, p["inner_round"], p["pert_lr"], p["pert_l2"], self._rng)
+        reference = None
+        if p["hg_ref"] == "teacher":
+            with torch.no_grad():
+                reference = teacher(x)
         grads, stats = retrospection_hypergrad(
-            student, x, delta, p["hg_out_portion"], p["pert_l2"], p["K"], p["fp_step"], self._rng
+            student, x, delta, p["hg_out_portion"], p["pert_l2"], p["K"], p["fp_step"], self._rng, reference
         )
         params = [q for q in student.parameters() if q.requires_grad]
         with torch.no_grad():
