@@ -137,9 +137,7 @@ def test_two_nodes_one_removed_mid_trial(tmp_path, cache):
 
     f = write_study(tmp_path, name="twonodes", mode="grid", search=None, seeds=[0, 1],
                     budget={"steps": 48, "eval_every": 4, "batch_size": 32})
-    spec = yaml.safe_load(f.read_text())
-    spec.pop("search")
-    f.write_text(yaml.safe_dump(spec))
+    assert "search" not in yaml.safe_load(f.read_text())
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     worker = cluster.add_node(num_cpus=1)
     removed: dict = {}
