@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -122,6 +123,7 @@ def ray_main(args: argparse.Namespace, argv: list[str]) -> None:
                     "study_teachers_cached": teachers_in_study, "teacher_dirs_in_cache": len(teacher_dirs)},
         "study_tail": sp.stdout[-2000:] if sp.returncode else "",
     }
+    shutil.rmtree(work, ignore_errors=True)
     trained = int(not teacher.get("cached")) + sum(not c for c in teachers_in_study.values())
     doc["teachers_trained"] = trained
     R.write_json("ray", doc, args.smoke)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -154,6 +155,7 @@ def search_main(args: argparse.Namespace, argv: list[str]) -> None:
                   flush=True)
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
     summary = summarise(doc)
     doc["summary"] = summary
     out_json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
