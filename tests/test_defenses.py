@@ -367,7 +367,7 @@ def test_perturbation_search_flips_predictions_and_sr_adds_its_gradient_only_in_
     sr = build_defense("sr", {"sr_start": 0.5, "inner_round": 3, "K": 2})
     student.train()
     sr.bind(teacher, student, (1, 8, 8), 10, 100, torch.Generator().manual_seed(0))
-    assert sr.stage2_start(100) == 50 and sr.stage2_lr() == 5e-4
+    assert sr.stage2_start(100) == 50 and sr.stage2_lr() == 1e-4
     sr.add_student_grads(student, teacher, x, step=10)  # before the second stage: nothing
     assert all(p.grad is None for p in student.parameters())
     for p in student.parameters():
