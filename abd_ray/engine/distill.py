@@ -284,7 +284,9 @@ def _distill(
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 3 + 1)
     gen_cpu = torch.Generator().manual_seed(cfg.seed * 3 + 2)
     gen_def = torch.Generator().manual_seed(cfg.seed * 3 + 3)
-    ctx = SynthContext(t_model, student, data, device, steps, int(cfg.batch_size), defense, gen, gen_cpu, amp)
+    ctx = SynthContext(
+        t_model, student, data, device, steps, int(cfg.batch_size), defense, gen, gen_cpu, amp, channels_last
+    )
     synth = synth_cls(ctx, synth_params)
     opt = synth.student_optimizer(student.parameters())
     base_lr, clip = float(synth.params["lr_s"]), synth.params["clip"]

@@ -41,7 +41,8 @@ class SynthContext:
         defense: the run's defense (its ``generator_term`` is added to generator losses).
         gen: random generator on ``device`` (noise, latents, augmentation).
         gen_cpu: random generator on the CPU (indices, permutations).
-        amp: use bfloat16 autocast and channels_last (CUDA only).
+        amp: use bfloat16 autocast (CUDA only).
+        channels_last: keep new models (generators) in channels_last, as the teacher and student are.
     """
 
     teacher: nn.Module
@@ -54,6 +55,7 @@ class SynthContext:
     gen: torch.Generator
     gen_cpu: torch.Generator
     amp: bool = False
+    channels_last: bool = False
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -79,9 +81,9 @@ class SynthContext:
             return self.teacher(x).float()
 
     def to_model_format(self, m: nn.Module) -> nn.Module:
-        """Move a new model to the device (channels_last under AMP on CUDA)."""
+        """Move a new model to the device, in the run's memory format."""
         m = m.to(self.device)
-        if self.amp and self.device.type == "cuda":
+        if self.channels_last:
             m = m.to(memory_format=torch.channels_last)
         return m
 
