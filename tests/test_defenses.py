@@ -162,7 +162,7 @@ def test_student_loss_reweights_only_on_fixed_data():
     fixed.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0), fixed_data=True)
     with torch.no_grad():
         m = suspect_mask(t, fixed.suspect(x))
-    assert torch.allclose(fixed.student_loss(per, x, t), reweighted_loss(per, m, 1.0))
+    assert torch.allclose(fixed.student_loss(per, x, t), reweighted_loss(per, m, fixed.params["coef"]))
     assert 0.0 <= fixed.metrics()["sv_masked_frac"] <= 1.0
 
 
