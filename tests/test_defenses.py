@@ -321,6 +321,8 @@ def test_registry_holds_every_defense_and_abd_routes_its_keys():
         ("sr", {"K": 2.5}, r"K=2.5 must be an integer"),
         ("sr", {"pert_model": "generator"}, r"allowed: student, teacher"),
         ("sr", {"sr_start": 1.5}, r"sr_start"),
+        ("sr", {"sr_max_ratio": 0}, r"sr_max_ratio=0 is outside \(0.0, inf\]"),
+        ("sr", {"hg_ref": "x"}, r"allowed: student, teacher"),
         ("sv", {"n_shuf_layer": 0}, r"n_shuf_layer=0"),
         ("sv", {"n_shuf_ens": 0}, r"n_shuf_ens"),
         ("sv", {"coef": -1}, r"coef"),
@@ -380,3 +382,4 @@ def test_perturbation_search_flips_predictions_and_sr_adds_its_gradient_only_in_
     assert any(changed) and all(torch.isfinite(p.grad).all() for p in student.parameters())
     m = sr.metrics()
     assert m["sr_steps"] == 1.0 and m["sr_pert_norm"] > 0 and 0 <= m["sr_flip"] <= 100
+    assert 0 < m["sr_scale"] <= 1.0 and m["sr_hg_norm"] > 0
