@@ -29,7 +29,7 @@ STUDY = {
     "max_concurrent": 2,
     "max_failures": 2,
     "search": {"defense": "abd", "sampler": "tpe", "num_samples": 2, "seed": 0,
-               "space": {"coef": {"low": 0.1, "high": 1.0, "log": True}, "hg_out_portion": {"low": 0.01, "high": 0.1}}},
+               "space": {"coef": {"low": 0.1, "high": 5.0, "log": True}, "hg_out_portion": {"low": 0.01, "high": 0.1}}},
 }
 
 

@@ -23,7 +23,7 @@ BASE = {
     "seeds": [0],
     "budget": {"steps": 10, "eval_every": 5},
     "search": {"defense": "abd", "sampler": "tpe", "num_samples": 3,
-               "space": {"coef": {"low": 0.1, "high": 1.0, "log": True}, "inner_round": {"low": 2, "high": 10}}},
+               "space": {"coef": {"low": 0.1, "high": 5.0, "log": True}, "inner_round": {"low": 2, "high": 10}}},
 }
 
 
@@ -153,7 +153,7 @@ def test_search_space_and_samplers():
     const = space(trial)
     assert const == {"defense": "abd"}
     assert set(trial.params) == {"defense.coef", "defense.inner_round", "defense.pert_model"}
-    assert 0.1 <= trial.params["defense.coef"] <= 1.0 and isinstance(trial.params["defense.inner_round"], int)
+    assert 0.1 <= trial.params["defense.coef"] <= 5.0 and isinstance(trial.params["defense.inner_round"], int)
     assert default_point(spec.search)["defense.pert_model"] == "student"
     for name, cls in [("tpe", "TPESampler"), ("nsga2", "NSGAIISampler"), ("gp", "GPSampler"),
                       ("random", "RandomSampler")]:
@@ -200,7 +200,10 @@ def test_study_searcher_order_failures_and_orphans(tmp_path):
     got = [searcher.suggest(f"t{i}") for i in range(7)]
     assert got[0]["defense"] == "none" and got[1]["defense"] == "none"  # the grid first
     assert [g["study.cell"] for g in got[2:6]] == ["badnet_grid/zskt", "blend/zskt"] * 2  # round-robin
-    assert got[2]["defense.coef"] == 1.0 and got[2]["defense.inner_round"] == 10  # ABD at its defaults first
+    from abd_ray.defenses import build_defense
+
+    defaults = build_defense("abd").params
+    assert got[2]["defense.coef"] == defaults["coef"] and got[2]["defense.inner_round"] == defaults["inner_round"]
     assert got[6] == "FINISHED"
     searcher.on_trial_complete("t0", {"clean_acc": 95.0, "asr": 99.0, "final": 1})
     searcher.on_trial_complete("t0", {"clean_acc": 95.0, "asr": 99.0, "final": 1})  # a second time: once only
