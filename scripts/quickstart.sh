@@ -1,9 +1,6 @@
 #!/usr/bin/env bash
-# The main job: the quickstart study on the embedded default (digits), or, until the study layer exists,
-# the default digits teacher.
+# The main job: the quickstart study on the embedded default (digits / badnet_grid / zskt; undefended, ABD at its
+# defaults and an ABD search), then its report. Extra arguments go to `abd-ray study` (e.g. --smoke, --name).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-if abd-ray study --help >/dev/null 2>&1; then
-  exec abd-ray study studies/quickstart.yaml "$@"
-fi
-exec abd-ray teacher --dataset digits --attack badnet_grid "$@"
+exec abd-ray study studies/quickstart.yaml "$@"

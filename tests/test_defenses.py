@@ -84,6 +84,30 @@ def test_shuffled_copies_differ_only_in_input_channel_order_of_chosen_layers(k):
         assert torch.allclose(ens(x), torch.stack([m(x) for m in ens.copies]).mean(0), atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["cnn_l", "wrn16_2", "resnet18", "vgg11"])
+def test_suspect_shares_the_unshuffled_trunk_and_equals_the_full_copies(arch):
+    """The suspect runs the stages before the first shuffled one once (or takes them from the teacher's features)
+    and gives the mean of the full shuffled copies' logits, with the same input gradient."""
+    from abd_ray.defenses.vaccine import first_shuffled_stage
+
+    torch.manual_seed(0)
+    teacher = build_model(arch, num_classes=10, shape=(3, 8, 8), mean=(0.5,) * 3, std=(0.25,) * 3).eval()
+    layers = resolve_shuffled_layers(teacher, "auto")
+    ens = ShuffledEnsemble(teacher, draw_permutations(teacher, layers, 3, torch.Generator().manual_seed(1)))
+    assert ens.start == first_shuffled_stage(teacher, layers) > 0  # the paper's last third: a trunk to share
+    x = torch.rand(5, 3, 8, 8, requires_grad=True)
+    full = torch.stack([m(x) for m in ens.copies]).mean(0)
+    (g_full,) = torch.autograd.grad(full.square().sum(), x)
+    shared = ens(x)
+    (g_shared,) = torch.autograd.grad(shared.square().sum(), x)
+    _, t_feats = teacher(x, return_features=True)
+    from_feats = ens(x, t_feats)
+    (g_feats,) = torch.autograd.grad(from_feats.square().sum(), x)
+    for out, g in ((shared, g_shared), (from_feats, g_feats)):
+        assert torch.allclose(out, full, atol=1e-5)
+        assert torch.allclose(g, g_full, atol=1e-5)
+
+
 def test_auto_layer_count_keeps_the_papers_share_of_the_depth():
     assert resolve_shuffled_layers(_cnn(), "auto") == [2]  # digits CNN: the last 1 of 3
     wrn2 = build_model("wrn16_2", num_classes=10, shape=(3, 8, 8), mean=(0.5,), std=(0.5,))
@@ -383,3 +407,54 @@ def test_perturbation_search_flips_predictions_and_sr_adds_its_gradient_only_in_
     m = sr.metrics()
     assert m["sr_steps"] == 1.0 and m["sr_pert_norm"] > 0 and 0 <= m["sr_flip"] <= 100
     assert 0 < m["sr_scale"] <= 1.0 and m["sr_hg_norm"] > 0
+
+
+def test_sr_lowers_the_asr_of_a_tiny_poisoned_student_where_plain_kd_does_not():
+    """A cnn_s trained on badnet_grid-poisoned digits (asr ~100) is distilled for 30 steps on clean digits from a
+    copy of itself: plain KD keeps the backdoor; KD + SR (defaults, second stage from step 0) unlearns most of it
+    at no cost in clean accuracy."""
+    from abd_ray.attacks.poison import AttackSpec, make_trigger, poison_training_set, poisoned_test_set
+    from abd_ray.data.datasets import load_dataset
+    from abd_ray.engine.teacher import train_classifier
+
+    torch.manual_seed(0)
+    d = load_dataset("digits")
+    spec = AttackSpec(name="badnet_grid", target=0, poison_ratio=0.1)
+    trigger = make_trigger(spec, d.shape)
+    xp, yp, _ = poison_training_set(d.x_train, d.y_train, trigger, spec)
+    poisoned = build_model("cnn_s", shape=d.shape, num_classes=10, mean=d.mean, std=d.std)
+    train_classifier(poisoned, xp, yp, epochs=5, batch_size=64, lr=0.05, seed=0, device=torch.device("cpu"),
+                     progress=False)
+    x_bd, _ = poisoned_test_set(d.x_test, d.y_test, trigger, spec.target)
+
+    def scores(model: nn.Module) -> tuple[float, float]:
+        model.eval()
+        with torch.no_grad():
+            acc = 100 * (model(d.x_test).argmax(1) == d.y_test).float().mean()
+            asr = 100 * (model(x_bd).argmax(1) == spec.target).float().mean()
+        return float(acc), float(asr)
+
+    acc0, asr0 = scores(poisoned)
+    assert acc0 > 90 and asr0 > 95
+    teacher = copy.deepcopy(poisoned).eval()
+    out = {}
+    for name in ("none", "sr"):
+        student = copy.deepcopy(poisoned).train()
+        defense = build_defense(name, {"sr_start": 0.0} if name == "sr" else {})
+        defense.bind(teacher, student, d.shape, 10, 30, torch.Generator().manual_seed(0))
+        opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        for step in range(30):
+            x = d.x_train[torch.randint(0, len(d.x_train), (64,), generator=g)]
+            opt.zero_grad()
+            defense.add_student_grads(student, teacher, x, step)
+            with torch.no_grad():
+                t = teacher(x)
+            kd = F.kl_div(F.log_softmax(student(x), 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
+            kd.backward()
+            opt.step()
+        out[name] = scores(student)
+    (_, asr_kd), (acc_sr, asr_sr) = out["none"], out["sr"]
+    assert asr_kd > 90  # KD on clean inputs alone does not remove the backdoor
+    assert asr_sr < asr_kd - 20, out
+    assert acc_sr > acc0 - 3, out

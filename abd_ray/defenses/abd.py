@@ -51,8 +51,10 @@ class ABD(Defense):
     def observe(self, x: torch.Tensor, t_logits: torch.Tensor, step: int) -> None:
         self.sv.observe(x, t_logits, step)
 
-    def generator_term(self, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor | None:
-        return self.sv.generator_term(x, t_logits)
+    def generator_term(
+        self, x: torch.Tensor, t_logits: torch.Tensor, t_feats: list[torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
+        return self.sv.generator_term(x, t_logits, t_feats)
 
     def student_loss(self, per_sample: torch.Tensor, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
         return self.sv.student_loss(per_sample, x, t_logits)

@@ -75,8 +75,10 @@ class Defense:
     def observe(self, x: torch.Tensor, t_logits: torch.Tensor, step: int) -> None:
         """See a synthesized batch (no gradient needed)."""
 
-    def generator_term(self, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor | None:
-        """A term to add to a generator's loss, or None."""
+    def generator_term(
+        self, x: torch.Tensor, t_logits: torch.Tensor, t_feats: list[torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
+        """A term to add to a generator's loss, or None (``t_feats``: the teacher's features on ``x``, if known)."""
         return None
 
     def student_loss(self, per_sample: torch.Tensor, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:

@@ -40,19 +40,30 @@ class Classifier(nn.Module):
         """Pooled embedding (N, D) of the last block output."""
         raise NotImplementedError
 
+    def run_stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Stage ``i`` applied to the previous stage's output (or to the normalised input for ``i = 0``)."""
+        return self.stages()[i](h)
+
     def forward(
         self, x: torch.Tensor, return_features: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         h = (x - self.mean) / self.std
         feats = []
-        for stage in self.stages():
-            h = stage(h)
+        for i in range(len(self.stages())):
+            h = self.run_stage(i, h)
             feats.append(h)
         emb = self.pool_head(h)
         logits = self.fc(emb)
         if return_features:
             return logits, feats + [emb]
         return logits
+
+    def forward_from(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        """The logits from the output of stage ``start - 1`` (``start = 0``: from the normalised input), so a
+        model that shares its first stages with another can reuse that model's features."""
+        for i in range(start, len(self.stages())):
+            h = self.run_stage(i, h)
+        return self.fc(self.pool_head(h))
 
 
 def conv_layers(model: nn.Module) -> list[nn.Conv2d]:

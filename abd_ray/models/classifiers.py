@@ -69,18 +69,13 @@ class WideResNet(Classifier):
     def stages(self) -> nn.ModuleList:
         return self._stages
 
-    def forward(self, x, return_features=False):
+    def run_stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
         # The last stage's output is taken after the final BN-ReLU, as attention transfer expects.
-        h = (x - self.mean) / self.std
-        feats = []
-        for i, stage in enumerate(self._stages):
-            h = stage(h)
-            if i == len(self._stages) - 1:
-                h = F.relu(self.bn(h))
-            feats.append(h)
-        emb = _pool(h)
-        logits = self.fc(emb)
-        return (logits, feats + [emb]) if return_features else logits
+        h = self._stages[i](h)
+        return F.relu(self.bn(h)) if i == len(self._stages) - 1 else h
+
+    def pool_head(self, h: torch.Tensor) -> torch.Tensor:
+        return _pool(h)
 
 
 for _d, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):
