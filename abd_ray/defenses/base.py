@@ -78,7 +78,8 @@ class Defense:
     def generator_term(
         self, x: torch.Tensor, t_logits: torch.Tensor, t_feats: list[torch.Tensor] | None = None
     ) -> torch.Tensor | None:
-        """A term to add to a generator's loss, or None (``t_feats``: the teacher's features on ``x``, if known)."""
+        """A term to add to a generator's loss, or None (``t_feats``: the teacher's features on ``x``; a plug-in may
+        leave the argument out)."""
         return None
 
     def student_loss(self, per_sample: torch.Tensor, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:

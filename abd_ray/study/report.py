@@ -238,7 +238,8 @@ def _f(v: Any, nd: int = 1) -> str:
 
 
 def _params(p: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={_f(v, 3) if isinstance(v, float) else v}" for k, v in p.items()) or "(defaults)"
+    # 4 significant digits: learning rates such as 1e-4 must not print as 0.000
+    return ", ".join(f"{k}={f'{v:.4g}' if isinstance(v, float) else v}" for k, v in p.items()) or "(defaults)"
 
 
 def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> str:

@@ -13,6 +13,7 @@ loop saves, so a resumed run draws what the uninterrupted run drew.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 from collections.abc import Iterator
@@ -79,6 +80,17 @@ class SynthContext:
                 logits, feats = self.teacher(x, return_features=True)
                 return logits.float(), [f.float() for f in feats]
             return self.teacher(x).float()
+
+    def defense_term(
+        self, x: torch.Tensor, t_logits: torch.Tensor, t_feats: list[torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
+        """The defense's term for a generator loss on ``x``, or None. The teacher's features go to a defense whose
+        ``generator_term`` takes ``t_feats`` (the vaccine reuses them); a plug-in with the two-argument form
+        still works."""
+        fn = self.defense.generator_term
+        if t_feats is not None and "t_feats" in inspect.signature(fn).parameters:
+            return fn(x, t_logits, t_feats=t_feats)
+        return fn(x, t_logits)
 
     def to_model_format(self, m: nn.Module) -> nn.Module:
         """Move a new model to the device, in the run's memory format."""

@@ -152,7 +152,7 @@ class CMI(BankSynthesizer):
                     emb_l = ctx.teacher(x_local, return_features=True)[1][-1].float()
                 neg_proj = self.head(neg) if neg is not None else None
                 loss = loss + p["cr"] * info_nce(self.head(emb_g), self.head(emb_l), neg_proj, p["cr_T"])
-            term = ctx.defense.generator_term(x, t_logits, t_feats)
+            term = ctx.defense_term(x, t_logits, t_feats)
             if term is not None:
                 loss = loss + term
             opt.zero_grad(set_to_none=True)

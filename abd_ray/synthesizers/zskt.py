@@ -56,7 +56,7 @@ class GenerativeSynthesizer(Synthesizer):
             t_logits, t_feats = ctx.teacher(x, return_features=True)
         t_logits = t_logits.float()
         loss = loss_fn(x, t_logits, t_feats)
-        term = ctx.defense.generator_term(x, t_logits, t_feats)
+        term = ctx.defense_term(x, t_logits, t_feats)
         if term is not None:
             loss = loss + term
         self.opt_g.zero_grad(set_to_none=True)
