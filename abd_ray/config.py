@@ -156,6 +156,9 @@ class RunConfig:
         teacher_arch: teacher classifier (dataset default if None).
         student_arch: student classifier (dataset default if None).
         teacher_file: an external teacher file to distil from instead of training one.
+        student_file: start the student from these weights (a trial's ``student.safetensors``, or a ``.pt``
+            state_dict) instead of from scratch; with ``defense.sr_start=0`` this runs Self-Retrospection as a
+            second stage on a saved student, as the paper did.
         synthesizer: synthesizer name.
         synth: synthesizer keyword overrides.
         defense: defense name (none, sv, sr, abd).
@@ -175,6 +178,7 @@ class RunConfig:
     teacher_arch: str | None = None
     student_arch: str | None = None
     teacher_file: str | None = None
+    student_file: str | None = None
     synthesizer: str = "zskt"
     synth: dict[str, Any] = field(default_factory=dict)
     defense: str = "none"

@@ -91,6 +91,8 @@ CASES = [
     ("distill --teacher-file {tmp}/evil.pt", "would run code when loaded"),
     ("distill --teacher-file {tmp}/misfit.pt", "does not fit architecture"),
     ("distill --pattern-file {tmp}/garbage.png", "pattern file"),
+    ("distill --student-file {tmp}/evil.pt", "refusing student file"),
+    ("distill --student-file {tmp}/nowhere.pt", "nowhere.pt' does not exist; give a student weights file"),
     # abd-ray study: files, names, services
     ("study {tmp}/nowhere.yaml", "does not exist; e.g. studies/quickstart.yaml"),
     ("study {tmp}/broken.yaml", "not valid YAML"),

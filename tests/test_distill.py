@@ -238,3 +238,35 @@ def test_cli_json(teacher, tmp_path, capsys):
     assert main(argv) == 0  # the human summary
     text = capsys.readouterr().out
     assert "student clean_acc" in text and "teacher clean_acc" in text
+
+
+def test_student_file_starts_the_student_from_saved_weights_and_sr_runs_as_a_second_stage(teacher, tmp_path, capsys):
+    """A student saved by one run (as a trial's student.safetensors) is where a second run starts: with SR from
+    step 0 and a tiny learning rate, it ends where the first left off rather than at a fresh student's accuracy.
+    A file that does not fit, or that carries code, is refused before compute."""
+    from safetensors.torch import save_file
+
+    from abd_ray.cli import main
+
+    first = distill(cfg_for("clean", steps=30, eval_every=30), teacher=teacher, progress=False)
+    path = tmp_path / "student.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in first.student.state_dict().items()}, str(path))
+    fresh = distill(cfg_for("clean", steps=1, eval_every=1, seed=7), teacher=teacher, progress=False)
+    cfg = cfg_for("clean", steps=2, eval_every=2, seed=7, student_file=str(path), defense="sr",
+                  defense_params={"sr_start": 0.0, "sup_resume_lr": 1e-6, "inner_round": 2, "K": 1})
+    second = distill(cfg, teacher=teacher, progress=False)
+    assert second.metrics["sr_steps"] == 2 and math.isfinite(second.metrics["clean_acc"])
+    assert abs(second.metrics["clean_acc"] - first.metrics["clean_acc"]) < 2.0
+    assert first.metrics["clean_acc"] - fresh.metrics["clean_acc"] > 20  # a saved student is not a fresh one
+
+    with pytest.raises(ValueError, match="student_file='/no/such' does not exist"):
+        check_config(cfg_for("clean", student_file="/no/such"))
+    misfit = tmp_path / "misfit.safetensors"
+    save_file({"fc.weight": torch.zeros(3, 3)}, str(misfit))
+    code = tmp_path / "code.pt"
+    torch.save({"fc.weight": torch.zeros(1), "x": object.__new__(DistillResult)}, code)
+    for bad, match in ((misfit, "does not fit the student architecture"), (code, "refusing student file")):
+        argv = ["distill", "--teacher-file", str(teacher.path), "--cache", str(tmp_path), "--student-file", str(bad)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err, err

@@ -35,7 +35,15 @@ from abd_ray.attacks import make_trigger, poisoned_test_set
 from abd_ray.config import RunConfig
 from abd_ray.data import load_dataset
 from abd_ray.defenses import build_defense
-from abd_ray.engine.teacher import Teacher, get_teacher, load_external, resolve_device
+from abd_ray.engine.teacher import (
+    Teacher,
+    TeacherFileError,
+    fit_norm_buffers,
+    get_teacher,
+    load_external,
+    read_weights,
+    resolve_device,
+)
 from abd_ray.metrics import evaluate
 from abd_ray.models import build_model, classifier_names
 from abd_ray.registry import SYNTHESIZERS
@@ -100,8 +108,31 @@ def check_config(cfg: RunConfig) -> tuple[RunConfig, type[Synthesizer], dict[str
             )
     else:
         cfg.teacher_spec().validate()
+    if cfg.student_file is not None and not Path(cfg.student_file).is_file():
+        raise ValueError(
+            f"student_file={cfg.student_file!r} does not exist; give a student weights file (.safetensors or .pt)"
+        )
     resolve_device(cfg.device)
     return cfg, cls, params
+
+
+def load_student(student: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load saved weights into a freshly built student (weights only; no pickled code is run).
+
+    Raises:
+        TeacherFileError: the file is unreadable, holds code, NaN/inf, or does not fit the student's architecture.
+    """
+    p = Path(path)
+    state = read_weights(p, "student")
+    try:
+        fit_norm_buffers(student, state).load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = " ".join(line.strip() for line in str(e).splitlines()[:3])
+        raise TeacherFileError(f"student file {p} does not fit the student architecture: {first}") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TeacherFileError(f"student file {p} holds NaN/inf in {bad[:3]}")
+    return student
 
 
 # --- state files ----------------------------------------------------------------------------------------------------
@@ -279,6 +310,8 @@ def _distill(
         .to(device)
         .train()
     )
+    if cfg.student_file:
+        load_student(student, cfg.student_file)
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 3 + 1)

@@ -32,6 +32,12 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="run seed (student init, synthesis, data order)")
     p.add_argument("--teacher-file", default=None, help="distil from this teacher artifact or weights file")
     p.add_argument(
+        "--student-file",
+        default=None,
+        help="start the student from these weights (e.g. a trial's student.safetensors); with --defense sr "
+        "--set defense.sr_start=0 this runs SR as a second stage on a saved student",
+    )
+    p.add_argument(
         "--set",
         dest="sets",
         action="append",
@@ -57,6 +63,7 @@ def config_from_args(args: argparse.Namespace):
         "steps": args.steps,
         "seed": args.seed,
         "teacher_file": args.teacher_file,
+        "student_file": args.student_file,
         "cache_dir": args.cache,
         "device": args.device,
     }
@@ -77,6 +84,14 @@ def run(args: argparse.Namespace) -> int:
         from abd_ray.engine.teacher import load_external
 
         load_external(cfg.teacher_file, cfg.teacher_spec())  # refused here (code payload, misfit) before compute
+    if cfg.student_file is not None:
+        from abd_ray.data import dataset_info
+        from abd_ray.engine.distill import load_student
+        from abd_ray.models import build_model
+
+        d = dataset_info(cfg.dataset)
+        blank = build_model(cfg.student_arch, num_classes=d.num_classes, shape=d.shape, mean=(0.0,), std=(1.0,))
+        load_student(blank, cfg.student_file)  # a misfit or a code payload is refused here, before compute
     result = distill(cfg, progress=not args.json)
     m = result.metrics
     if args.json:

@@ -254,10 +254,18 @@ def load_shape(spec: TeacherSpec) -> tuple[int, int, int]:
     return dataset_info(spec.dataset).shape
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    """Read a weights file without running any code: safetensors, or torch.load(weights_only=True)."""
+def read_weights(path: Path, what: str = "teacher") -> dict[str, torch.Tensor]:
+    """Read a weights file without running any code: safetensors, or torch.load(weights_only=True).
+
+    Args:
+        path: a ``.safetensors`` file, or a ``.pt`` / ``.pth`` state_dict (optionally under ``"state_dict"``).
+        what: what the file is for (``teacher``, ``student``), named in the errors.
+
+    Raises:
+        TeacherFileError: missing, unreadable, truncated, holding pickled objects, or not a dict of tensors.
+    """
     if not path.exists():
-        raise TeacherFileError(f"teacher weights {path} do not exist")
+        raise TeacherFileError(f"{what} weights {path} do not exist")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -268,15 +276,25 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise TeacherFileError(
-                f"refusing teacher file {path}: it holds pickled objects that would run code when loaded "
+                f"refusing {what} file {path}: it holds pickled objects that would run code when loaded "
                 "(only plain tensors are accepted; re-save it as a state_dict or as safetensors)"
             ) from None
-        raise TeacherFileError(f"teacher file {path} is unreadable or truncated ({type(e).__name__}: {msg})") from None
+        raise TeacherFileError(f"{what} file {path} is unreadable or truncated ({type(e).__name__}: {msg})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise TeacherFileError(f"teacher file {path} is not a state_dict of tensors")
+        raise TeacherFileError(f"{what} file {path} is not a state_dict of tensors")
     return state
+
+
+def fit_norm_buffers(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Give the model's input-normalisation buffers (``mean``, ``std``) the shape they have in ``state``, so that
+    a strict load takes them from the file whatever the model was built with."""
+    for name in ("mean", "std"):
+        buf = model._buffers.get(name)
+        if name in state and buf is not None and buf.shape != state[name].shape:
+            model._buffers[name] = torch.empty(state[name].shape, dtype=buf.dtype, device=buf.device)
+    return model
 
 
 def _load_into(spec: TeacherSpec, state: dict[str, torch.Tensor], num_classes: int, path: Path) -> nn.Module:
@@ -284,12 +302,9 @@ def _load_into(spec: TeacherSpec, state: dict[str, torch.Tensor], num_classes: i
     from abd_ray.data import dataset_info
 
     info = dataset_info(spec.dataset)
-    model = build_model(spec.arch, num_classes=num_classes, shape=info.shape, mean=(0.0,), std=(1.0,))
-    # mean/std buffers come from the file; make room for their real shape before loading
-    for name in ("mean", "std"):
-        if name in state:
-            setattr(model, name, torch.empty_like(state[name]))
-            model._buffers[name] = getattr(model, name)
+    model = fit_norm_buffers(
+        build_model(spec.arch, num_classes=num_classes, shape=info.shape, mean=(0.0,), std=(1.0,)), state
+    )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -319,7 +334,7 @@ def load_artifact(folder: str | os.PathLike, verify: bool = True) -> Teacher:
         raise TeacherFileError(f"teacher metadata {meta_path} is damaged ({type(e).__name__}: {e})") from None
     if verify and meta.get("weights_sha256") and weights.exists() and _sha256(weights) != meta["weights_sha256"]:
         raise TeacherFileError(f"teacher weights {weights} do not match their recorded SHA-256 (truncated or altered)")
-    model = _load_into(spec, _read_state(weights), int(meta["num_classes"]), weights)
+    model = _load_into(spec, read_weights(weights), int(meta["num_classes"]), weights)
     return Teacher(model, meta, p, cached=True)
 
 
@@ -343,7 +358,7 @@ def load_external(path: str | os.PathLike, spec: TeacherSpec | None = None) -> T
         meta = {"spec": spec.to_dict()}
     else:
         raise TeacherFileError(f"teacher file {p} has no {META} beside it; name its dataset and arch")
-    state = _read_state(p)
+    state = read_weights(p)
     fc = [v for k, v in state.items() if k.endswith("fc.weight")]
     num_classes = int(meta.get("num_classes") or (fc[-1].shape[0] if fc else 0))
     model = _load_into(spec, state, num_classes, p)
