@@ -43,6 +43,13 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
+def join_storage(base: str, *parts: str) -> str:
+    """``base/part/...`` for a folder or a storage URI; a URI's query string (``s3://bucket/runs?endpoint_override=
+    host:9000&scheme=http``, the way pyarrow and Ray address MinIO and other S3-compatible stores) stays at the end."""
+    head, sep, query = base.partition("?")
+    return "/".join([head.rstrip("/"), *parts]) + sep + query
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
@@ -65,7 +72,7 @@ def write_state(study_dir: str | Path, state: dict[str, Any]) -> None:
 
 
 def experiment_path(state: dict[str, Any]) -> str:
-    return f"{state['storage'].rstrip('/')}/{EXPERIMENT}"
+    return join_storage(state["storage"], EXPERIMENT)
 
 
 LOCK = ".lock"
@@ -130,7 +137,7 @@ def launch(
     storage = storage or os.environ.get("ABD_RAY_STORAGE") or DEFAULT_STORAGE
     if _is_uri(storage):
         study_dir = Path(DEFAULT_STORAGE).resolve() / spec.name
-        tune_storage = f"{storage.rstrip('/')}/{spec.name}"
+        tune_storage = join_storage(storage, spec.name)
     else:
         study_dir = Path(storage).expanduser().resolve() / spec.name
         tune_storage = str(study_dir)
