@@ -1,6 +1,6 @@
 """Benchmark: ABD's defenses (Hong et al., ICML 2023) on digits, against the undefended run of the same cell.
 
-    python bench/defenses.py [--steps N] [--seed 0] [--only zskt] [--fresh]
+    python bench/defenses.py [--steps N] [--seed 0] [--only zskt] [--fresh] [--out FILE] [--merge FILE ...]
 
 Cells: none / sv / sr / abd with zskt for badnet_grid, blend and trojan_3x3; none / abd with every other
 synthesizer on badnet_grid. Each run uses the package defaults (dataset budget, defense hyperparameters). Prints
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated synthesizers to run (default: all cells)")
     p.add_argument("--cache", default=os.environ.get("ABD_RAY_CACHE", ".abd_ray/cache"))
     p.add_argument("--fresh", action="store_true", help="ignore results already in defenses.json")
+    p.add_argument("--out", default=None, help="results file (default bench/results/defenses.json); a second process "
+                   "with other --only cells can write its own, merged later with --merge")
+    p.add_argument("--merge", nargs="*", default=[], help="results files whose runs are added to --out, then exit")
     p.add_argument("--smoke-test", action="store_true", help="two cells, 20 steps: checks that the script runs")
     args = p.parse_args(argv)
     if args.smoke_test:
@@ -96,10 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         todo = cells(args.only)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out_json = RESULTS / ("defenses_smoke.json" if args.smoke_test else "defenses.json")
+    out_json = Path(args.out) if args.out else RESULTS / ("defenses_smoke.json" if args.smoke_test else "defenses.json")
     doc = {"runs": {}}
     if out_json.exists() and not args.fresh:
         doc = json.loads(out_json.read_text())
+    if args.merge:
+        for other in args.merge:
+            doc["runs"].update(json.loads(Path(other).read_text())["runs"])
+        out_json.write_text(json.dumps(doc, indent=2, sort_keys=True))
+        out_json.with_suffix(".md").write_text(table(doc["runs"]))
+        print(table(doc["runs"]))
+        return 0
     doc["machine"] = {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()}
     doc["command"] = " ".join([Path(sys.executable).name, "bench/defenses.py", *(argv or sys.argv[1:])])
     for c in todo:
