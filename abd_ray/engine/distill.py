@@ -37,10 +37,9 @@ from abd_ray.data import load_dataset
 from abd_ray.defenses import build_defense
 from abd_ray.engine.teacher import (
     Teacher,
-    TeacherFileError,
-    fit_norm_buffers,
     get_teacher,
     load_external,
+    load_weights_into,
     read_weights,
     resolve_device,
 )
@@ -123,16 +122,7 @@ def load_student(student: nn.Module, path: str | os.PathLike) -> nn.Module:
         TeacherFileError: the file is unreadable, holds code, NaN/inf, or does not fit the student's architecture.
     """
     p = Path(path)
-    state = read_weights(p, "student")
-    try:
-        fit_norm_buffers(student, state).load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = " ".join(line.strip() for line in str(e).splitlines()[:3])
-        raise TeacherFileError(f"student file {p} does not fit the student architecture: {first}") from None
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise TeacherFileError(f"student file {p} holds NaN/inf in {bad[:3]}")
-    return student
+    return load_weights_into(student, read_weights(p, "student"), p, "student", "the student architecture")
 
 
 # --- state files ----------------------------------------------------------------------------------------------------

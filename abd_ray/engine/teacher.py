@@ -287,13 +287,30 @@ def read_weights(path: Path, what: str = "teacher") -> dict[str, torch.Tensor]:
     return state
 
 
-def fit_norm_buffers(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Give the model's input-normalisation buffers (``mean``, ``std``) the shape they have in ``state``, so that
-    a strict load takes them from the file whatever the model was built with."""
+def load_weights_into(
+    model: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str, fits: str
+) -> nn.Module:
+    """Load ``state`` strictly into ``model``; the input-normalisation buffers (``mean``, ``std``) take the file's
+    shape and values whatever the model was built with.
+
+    Args:
+        what: what the file is for (``teacher``, ``student``); ``fits``: what it must fit, both named in errors.
+
+    Raises:
+        TeacherFileError: the tensors do not fit the model, or hold NaN/inf.
+    """
     for name in ("mean", "std"):
         buf = model._buffers.get(name)
         if name in state and buf is not None and buf.shape != state[name].shape:
             model._buffers[name] = torch.empty(state[name].shape, dtype=buf.dtype, device=buf.device)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = " ".join(line.strip() for line in str(e).splitlines()[:3])
+        raise TeacherFileError(f"{what} file {path} does not fit {fits}: {first}") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TeacherFileError(f"{what} file {path} holds NaN/inf in {bad[:3]}")
     return model
 
 
@@ -302,21 +319,9 @@ def _load_into(spec: TeacherSpec, state: dict[str, torch.Tensor], num_classes: i
     from abd_ray.data import dataset_info
 
     info = dataset_info(spec.dataset)
-    model = fit_norm_buffers(
-        build_model(spec.arch, num_classes=num_classes, shape=info.shape, mean=(0.0,), std=(1.0,)), state
-    )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0:3]
-        raise TeacherFileError(
-            f"teacher file {path} does not fit architecture {spec.arch!r} with {num_classes} classes: "
-            + " ".join(s.strip() for s in first)
-        ) from None
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise TeacherFileError(f"teacher file {path} holds NaN/inf in {bad[:3]}")
-    return model.eval()
+    model = build_model(spec.arch, num_classes=num_classes, shape=info.shape, mean=(0.0,), std=(1.0,))
+    fits = f"architecture {spec.arch!r} with {num_classes} classes"
+    return load_weights_into(model, state, path, "teacher", fits).eval()
 
 
 def load_artifact(folder: str | os.PathLike, verify: bool = True) -> Teacher:
