@@ -165,10 +165,9 @@ def retrospection_hypergrad(
     return grads, {"sr_outer": out_val, "sr_perturbed": float(k)}
 
 
-def _kd_grad_norm(student: nn.Module, teacher: nn.Module, x: torch.Tensor, params: list[torch.Tensor]) -> float:
-    """Norm of the gradient of the plain KD loss ``KL(T(x) || S(x))`` of this batch (the student in its mode)."""
-    with torch.no_grad():
-        t = teacher(x).float()
+def _kd_grad_norm(student: nn.Module, t: torch.Tensor, x: torch.Tensor, params: list[torch.Tensor]) -> float:
+    """Norm of the gradient of the plain KD loss ``KL(T(x) || S(x))`` of this batch (the student in its mode),
+    ``t`` the teacher's logits ``T(x)``."""
     # The loop's own forward on this batch updates the BatchNorm statistics; this one must not do it twice.
     saved = [b.detach().clone() for b in student.buffers()]
     loss = _kl_rows(t, student(x).float()).mean()
@@ -292,10 +291,11 @@ class SelfRetrospection(Defense):
         x = x.detach()
         pert_model = student if p["pert_model"] == "student" else teacher
         delta = find_perturbation(pert_model, x, p["inner_round"], p["pert_lr"], p["pert_l2"], self._rng)
-        reference = None
-        if p["hg_ref"] == "teacher":
+        t_logits = None  # the teacher's logits, computed once for the outer reference and the bound
+        if p["hg_ref"] == "teacher" or p["sr_max_ratio"] is not None:
             with torch.no_grad():
-                reference = teacher(x)
+                t_logits = teacher(x).float()
+        reference = t_logits if p["hg_ref"] == "teacher" else None
         grads, stats = retrospection_hypergrad(
             student, x, delta, p["hg_out_portion"], p["pert_l2"], p["K"], p["fp_step"], self._rng, reference
         )
@@ -303,7 +303,7 @@ class SelfRetrospection(Defense):
         hg_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
         scale = 1.0
         if p["sr_max_ratio"] is not None:
-            kd_norm = _kd_grad_norm(student, teacher, x, params)
+            kd_norm = _kd_grad_norm(student, t_logits, x, params)
             limit = p["sr_max_ratio"] * kd_norm
             if float(hg_norm) > limit:
                 scale = limit / float(hg_norm)
