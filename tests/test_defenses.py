@@ -153,6 +153,22 @@ def test_mask_and_divergence_match_a_hand_computation_on_two_classes():
     losses = torch.tensor([1.0, 2.0, 3.0])
     assert math.isclose(float(reweighted_loss(losses, m, 0.5)), 2.0 - 0.5 * 2.0)
     assert math.isclose(float(reweighted_loss(losses, torch.zeros(3, dtype=torch.bool), 0.5)), 2.0)
+    # m = [True, False, True]: capped at 1.5, the masked losses 1 and 3 count as 1 and 1.5; dropped, they count not
+    assert math.isclose(float(reweighted_loss(losses, m, 0.5, "capped", cap=1.5)), 2.0 - 0.5 * 1.25)
+    assert math.isclose(float(reweighted_loss(losses, m, 0.5, "drop")), 2.0)
+    everything = torch.ones(3, dtype=torch.bool)
+    assert float(reweighted_loss(losses, everything, 0.5, "drop")) == 0.0
+
+
+def test_capped_reweighting_stops_pushing_a_masked_sample_at_the_cap():
+    per = torch.tensor([0.5, 1.0, 4.0], requires_grad=True)
+    m = torch.tensor([False, True, True])
+    reweighted_loss(per, m, 2.0, "capped", cap=2.0).backward()
+    # unmasked: +1 (mean of one); masked below the cap: -coef / 2; masked above the cap: no gradient
+    assert per.grad.tolist() == [1.0, -1.0, 0.0]
+    per.grad = None
+    reweighted_loss(per, m, 2.0, "ascent").backward()
+    assert per.grad.tolist() == [1.0, -1.0, -1.0]
 
 
 def test_generator_term_gradient_flows_through_the_suspect_only_when_allowed():
@@ -185,8 +201,19 @@ def test_student_loss_reweights_only_on_fixed_data():
     fixed = build_defense("sv")
     fixed.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0), fixed_data=True)
     with torch.no_grad():
-        m = suspect_mask(t, fixed.suspect(x))
-    assert torch.allclose(fixed.student_loss(per, x, t), reweighted_loss(per, m, fixed.params["coef"]))
+        u = fixed.suspect(x)
+    # teacher logits that agree with the suspect on the first half of the batch only: both groups present
+    t = u + 100 * F.one_hot(u.argmax(1), 10)
+    t[16:] = u[16:] + 100 * F.one_hot((u[16:].argmax(1) + 1) % 10, 10)
+    m = suspect_mask(t, u)
+    assert m.tolist() == [True] * 16 + [False] * 16
+    assert fixed.params["fixed_mode"] == "drop"
+    assert torch.allclose(fixed.student_loss(per, x, t), per[~m].mean())
+    for mode in ("capped", "ascent"):
+        d = build_defense("sv", {"fixed_mode": mode})
+        d.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0), fixed_data=True)
+        want = reweighted_loss(per, m, d.params["coef"], mode, cap=math.log(10))  # auto cap: log(classes)
+        assert torch.allclose(d.student_loss(per, x, t), want)
     assert 0.0 <= fixed.metrics()["sv_masked_frac"] <= 1.0
 
 
@@ -351,7 +378,9 @@ def test_registry_holds_every_defense_and_abd_routes_its_keys():
         ("sv", {"n_shuf_ens": 0}, r"n_shuf_ens"),
         ("sv", {"coef": -1}, r"coef"),
         ("sv", {"no_shuf_grad": "maybe"}, r"true or false"),
-        ("sv", {"K": 5}, r"unknown hyperparameter.*allowed: check_skip, check_tries, coef"),
+        ("abd", {"fixed_mode": "ignore"}, r"fixed_mode='ignore' is not allowed; allowed: drop, capped, ascent"),
+        ("sv", {"fixed_cap": 0}, r"fixed_cap=0 is outside \(0.0, inf\]"),
+        ("sv", {"K": 5}, r"unknown hyperparameter.*allowed: check_skip, check_tries, coef, fixed_cap, fixed_mode"),
         ("abd", {"bogus": 1}, r"unknown hyperparameter\(s\) \['bogus'\]; allowed: K, "),
     ],
 )

@@ -303,3 +303,22 @@ def test_small_losses():
     agree = torch.tensor([[5.0, 0.0], [0.0, 5.0]])
     assert losses.masked_adversarial(-agree, agree) == 0  # nothing agrees: no adversarial pull
     assert losses.masked_adversarial(agree * 0.5, agree) < 0
+
+
+@pytest.mark.parametrize("name", ["clean", "ood", "deepinversion"])
+def test_fixed_data_batches_carry_teacher_features_to_the_vaccine(name, toy_teacher):
+    """The vaccine's reweighting on fixed or banked data reuses the teacher's block outputs of the batch instead of
+    running the shared trunk again; the loss is the same either way."""
+    from abd_ray.defenses import build_defense
+
+    synth, ctx = make(name, toy_teacher)
+    ctx.defense = build_defense("sv", {"fixed_mode": "capped"})
+    ctx.defense.bind(toy_teacher, ctx.student, ctx.shape, 10, 10, torch.Generator().manual_seed(0), fixed_data=True)
+    batch = next(iter(synth.batches(0)))
+    assert batch.t_feats is not None and len(batch.t_feats) >= ctx.defense.suspect.start
+    per = torch.rand(len(batch.x))
+    with_feats = ctx.defense_loss(per, batch)
+    without = ctx.defense.student_loss(per, batch.x, batch.t_logits)
+    assert torch.allclose(with_feats, without, atol=1e-6)
+    ctx.defense = Defense()  # a defense without t_feats in its hook: no features computed
+    assert ctx.fixed_batch(batch.x).t_feats is None

@@ -56,8 +56,14 @@ class ABD(Defense):
     ) -> torch.Tensor | None:
         return self.sv.generator_term(x, t_logits, t_feats)
 
-    def student_loss(self, per_sample: torch.Tensor, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
-        return self.sv.student_loss(per_sample, x, t_logits)
+    def student_loss(
+        self,
+        per_sample: torch.Tensor,
+        x: torch.Tensor,
+        t_logits: torch.Tensor,
+        t_feats: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        return self.sv.student_loss(per_sample, x, t_logits, t_feats)
 
     def stage2_start(self, total_steps: int) -> int | None:
         return self.sr.stage2_start(total_steps)

@@ -83,7 +83,9 @@ class Defense:
         return None
 
     def student_loss(self, per_sample: torch.Tensor, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
-        """Batch loss from per-sample KD losses; the undefended mean by default."""
+        """Batch loss from per-sample KD losses; the undefended mean by default. A defense that declares a
+        ``t_feats`` keyword gets the teacher's block outputs on ``x`` from fixed-data synthesizers (the vaccine
+        does); without it, none are kept."""
         return per_sample.mean()
 
     def stage2_start(self, total_steps: int) -> int | None:

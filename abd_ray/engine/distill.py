@@ -410,7 +410,7 @@ def _distill(
                     out = student(batch.x, return_features=synth.needs_features)
                 s_logits, s_feats = out if isinstance(out, tuple) else (out, None)
                 per_sample = synth.student_loss(s_logits.float(), s_feats, batch)
-                loss = defense.student_loss(per_sample, batch.x, batch.t_logits)
+                loss = ctx.defense_loss(per_sample, batch)
                 loss.backward()
                 if clip is not None:
                     nn.utils.clip_grad_norm_(student.parameters(), clip)

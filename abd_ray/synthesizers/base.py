@@ -87,10 +87,27 @@ class SynthContext:
         """The defense's term for a generator loss on ``x``, or None. The teacher's features go to a defense whose
         ``generator_term`` takes ``t_feats`` (the vaccine reuses them); a plug-in with the two-argument form
         still works."""
-        fn = self.defense.generator_term
-        if t_feats is not None and "t_feats" in inspect.signature(fn).parameters:
-            return fn(x, t_logits, t_feats=t_feats)
-        return fn(x, t_logits)
+        if t_feats is not None and self._defense_takes_feats("generator_term"):
+            return self.defense.generator_term(x, t_logits, t_feats=t_feats)
+        return self.defense.generator_term(x, t_logits)
+
+    def _defense_takes_feats(self, hook: str) -> bool:
+        return "t_feats" in inspect.signature(getattr(self.defense, hook)).parameters
+
+    def fixed_batch(self, x: torch.Tensor) -> Batch:
+        """A fixed-data synthesizer's batch on ``x``: teacher logits, and the teacher's block outputs when the
+        defense's ``student_loss`` takes them (the vaccine then skips the shared trunk's forward)."""
+        if self._defense_takes_feats("student_loss"):
+            logits, feats = self.teacher_out(x, features=True)
+            return Batch(x, logits, feats)
+        return Batch(x, self.teacher_out(x))
+
+    def defense_loss(self, per_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The defense's batch loss from per-sample KD losses, with the batch's teacher features for a defense
+        whose ``student_loss`` takes ``t_feats``."""
+        if batch.t_feats is not None and self._defense_takes_feats("student_loss"):
+            return self.defense.student_loss(per_sample, batch.x, batch.t_logits, t_feats=batch.t_feats)
+        return self.defense.student_loss(per_sample, batch.x, batch.t_logits)
 
     def to_model_format(self, m: nn.Module) -> nn.Module:
         """Move a new model to the device, in the run's memory format."""

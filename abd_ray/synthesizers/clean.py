@@ -50,4 +50,4 @@ class CleanKD(Synthesizer):
     def batches(self, step: int) -> Iterator[Batch]:
         idx = torch.randint(0, len(self.x), (self.ctx.batch_size,), generator=self.ctx.gen_cpu).to(self.x.device)
         x = shift_flip(self.x[idx], self.ctx.gen, **self.aug)
-        yield Batch(x, self.ctx.teacher_out(x))
+        yield self.ctx.fixed_batch(x)

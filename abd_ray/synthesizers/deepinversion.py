@@ -60,7 +60,7 @@ class BankSynthesizer(Synthesizer):
             self.bank.add(x_new)
         x = self.bank.sample(self.ctx.batch_size, self.ctx.gen_cpu)
         x = shift_flip(x, self.ctx.gen, **self.aug)
-        yield Batch(x, self.ctx.teacher_out(x))
+        yield self.ctx.fixed_batch(x)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "bank": self.bank.state_dict()}
