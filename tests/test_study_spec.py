@@ -164,6 +164,22 @@ def test_search_space_and_samplers():
     assert tpe._multivariate
 
 
+def test_tpe_and_gp_leave_random_start_up_within_a_small_budget():
+    pytest.importorskip("optuna")
+    import dataclasses
+
+    from abd_ray.study.search import auto_startup_trials, make_sampler
+
+    assert [auto_startup_trials(n) for n in (1, 8, 12, 30, 100)] == [2, 2, 4, 10, 10]
+    spec = StudySpec.from_dict(_with("search.num_samples", 12))
+    assert make_sampler(spec.search)._n_startup_trials == 4  # not Optuna's 10 of 12
+    spec = StudySpec.from_dict(_with("search.startup_trials", 3))
+    for name in ("tpe", "gp"):
+        assert make_sampler(dataclasses.replace(spec.search, sampler=name))._n_startup_trials == 3
+    with pytest.raises(StudySpecError, match="search.startup_trials"):
+        StudySpec.from_dict(_with("search.startup_trials", 0))
+
+
 def test_pareto_front_and_recommendation():
     pts = [
         {"id": "a", "clean_acc": 90.0, "asr": 95.0, "defense": "none"},

@@ -52,18 +52,26 @@ class SearchSpace:
         return dict(self.constants)
 
 
+def auto_startup_trials(num_samples: int) -> int:
+    """Random start-up trials for TPE and GP: a third of the budget, at least 2 and at most Optuna's default 10."""
+    return max(2, min(10, num_samples // 3))
+
+
 def make_sampler(search: SearchSpec) -> optuna.samplers.BaseSampler:
     """The Optuna sampler named by the study file.
 
-    TPE is made multivariate (the defense's hyperparameters interact); NSGA-II gets a small population, since its
-    default of 50 would spend a whole small budget on random initial trials.
+    TPE is made multivariate (the defense's hyperparameters interact); TPE and GP model the results after
+    ``startup_trials`` random ones (by default a third of the budget: Optuna's 10 would leave a study of 8 trials
+    random); NSGA-II gets a small population, since its default of 50 would spend a whole small budget on random
+    initial trials.
     """
+    startup = search.startup_trials or auto_startup_trials(search.num_samples)
     if search.sampler == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, seed=search.seed)
+        return optuna.samplers.TPESampler(multivariate=True, n_startup_trials=startup, seed=search.seed)
     if search.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=search.population_size, seed=search.seed)
     if search.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=search.seed)
+        return optuna.samplers.GPSampler(n_startup_trials=startup, seed=search.seed)
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=search.seed)
     raise ValueError(f"unknown sampler {search.sampler!r}; allowed: tpe, nsga2, gp, random")

@@ -63,7 +63,9 @@ _TEACHER_KEYS = ("arch", "epochs", "batch_size", "lr", "seed")
 _STUDENT_KEYS = ("arch",)
 _BUDGET_KEYS = ("steps", "eval_every", "batch_size")
 _RESOURCE_KEYS = ("cpu", "gpu")
-_SEARCH_KEYS = ("defense", "sampler", "num_samples", "seed", "include_defaults", "population_size", "space")
+_SEARCH_KEYS = (
+    "defense", "sampler", "num_samples", "seed", "include_defaults", "population_size", "startup_trials", "space"
+)
 _SMOKE_KEYS = tuple(SMOKE_DEFAULTS)
 _EXCLUDE_KEYS = ("attack", "synthesizer", "defense")
 _RANGE_KEYS = ("low", "high", "log", "step", "type")
@@ -114,6 +116,8 @@ class SearchSpec:
         seed: sampler seed.
         include_defaults: evaluate the defense's defaults first (as an enqueued Optuna trial).
         population_size: NSGA-II population (small: its default of 50 wastes a small budget).
+        startup_trials: random trials before TPE or GP model the results; None: :func:`auto_startup_trials`
+            (Optuna's default of 10 would make a study of 8 trials a random search).
         space: searched hyperparameters; fixed values are plain constants.
         fixed: hyperparameters held constant in every search trial.
     """
@@ -124,6 +128,7 @@ class SearchSpec:
     seed: int = 0
     include_defaults: bool = True
     population_size: int = 4
+    startup_trials: int | None = None
     space: tuple[Param, ...] = ()
     fixed: dict[str, Any] = field(default_factory=dict)
 
@@ -570,6 +575,9 @@ class _Validator:
         if not isinstance(include, bool):
             raise self.fail("search.include_defaults", f"must be true or false, got {include!r}")
         pop = self.integer(sec.get("population_size", 4), "search.population_size", 2)
+        startup = sec.get("startup_trials")
+        if startup is not None:
+            startup = self.integer(startup, "search.startup_trials", 1)
         defaults = self._defense_defaults(defense)
         allowed = sorted(defaults)
         space_raw = self.mapping(sec.get("space"), "search.space", tuple(allowed))
@@ -598,7 +606,8 @@ class _Validator:
                     raise self.fail(f"search.space.{p.name}", f"range {p.low:g}..{p.high:g} excludes the default "
                                     f"{d!r}; widen it, or set search.include_defaults: false")
         return SearchSpec(defense=defense, sampler=sampler, num_samples=num_samples, seed=seed,
-                          include_defaults=include, population_size=pop, space=tuple(params), fixed=fixed)
+                          include_defaults=include, population_size=pop, startup_trials=startup,
+                          space=tuple(params), fixed=fixed)
 
     def param(self, name: str, raw: dict, key: str) -> Param:
         if "choices" in raw:
