@@ -207,9 +207,10 @@ def test_student_loss_reweights_only_on_fixed_data():
     t[16:] = u[16:] + 100 * F.one_hot((u[16:].argmax(1) + 1) % 10, 10)
     m = suspect_mask(t, u)
     assert m.tolist() == [True] * 16 + [False] * 16
-    assert fixed.params["fixed_mode"] == "drop"
-    assert torch.allclose(fixed.student_loss(per, x, t), per[~m].mean())
-    for mode in ("capped", "ascent"):
+    assert fixed.params["fixed_mode"] == "capped"  # the default
+    want = per[~m].mean() - fixed.params["coef"] * per[m].clamp(max=math.log(10)).mean()  # auto cap: log(classes)
+    assert torch.allclose(fixed.student_loss(per, x, t), want)
+    for mode in ("drop", "capped", "ascent"):
         d = build_defense("sv", {"fixed_mode": mode})
         d.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0), fixed_data=True)
         want = reweighted_loss(per, m, d.params["coef"], mode, cap=math.log(10))  # auto cap: log(classes)

@@ -358,7 +358,7 @@ class ShufflingVaccine(Defense):
         "check_skip": 10,
         "check_tries": 8,
         "tail_threshold": 0.02,
-        "fixed_mode": "drop",
+        "fixed_mode": "capped",
         "fixed_cap": "auto",
     }
 
