@@ -376,7 +376,9 @@ def _tuner(spec: StudySpec, state: dict[str, Any], study_dir: Path, echo: Echo):
             num_samples=state["planned_trials"],
             # Required with a custom searcher: without it Tune keeps a single trial pending at a time.
             max_concurrent_trials=spec.max_concurrent,
-            reuse_actors=False,
+            # A finished trial's worker process (torch and the engine imported, the dataset loaded) runs the next
+            # trial of the same resources, instead of a fresh process per trial.
+            reuse_actors=True,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
