@@ -333,6 +333,15 @@ def cost_main(args: argparse.Namespace, argv: list[str]) -> None:
                             "ratios": {s: schedule_ratios(cc, s, fractions) for s in csynths}}
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    for part in ("digits", "cifar"):
+        if part in doc:
+            doc[part].update(command=doc["command"], machine=m)
+    prev = RESULTS / ("cost_smoke.json" if args.smoke else "cost.json")
+    if prev.exists():  # a run of one part (digits or 32x32) keeps the other part's figures, with their command
+        old = json.loads(prev.read_text())
+        for part in ("digits", "cifar"):
+            if part not in doc and part in old:
+                doc[part] = {"command": old.get("command"), "machine": old.get("machine"), **old[part]}
     p = write_json("cost", doc, args.smoke)
     print(f"wrote {p}")
     md = cost_markdown(doc)
@@ -399,7 +408,8 @@ def cost_markdown(doc: dict[str, Any]) -> str:
     if "digits" in doc:
         d = doc["digits"]
         out += ["## Cost per step: digits, every synthesizer x defense", "",
-                f"Command: `{doc['command']}`  ", f"Machine: {machine_line(doc['machine'])}", "",
+                f"Command: `{d.get('command', doc['command'])}`  ",
+                f"Machine: {machine_line(d.get('machine', doc['machine']))}", "",
                 f"Each cell: a fresh process running `distill()` (the real KD loop) for {d['steps']} steps on digits "
                 f"(badnet_grid teacher, default synthesizer budgets), single-threaded; the figure is the second half "
                 f"of the run ({d['steps'] - d['eval_every']} steps, after the warm-up; one evaluation included). "
@@ -425,7 +435,8 @@ def cost_markdown(doc: dict[str, Any]) -> str:
         c = doc["cifar"]
         out += ["<!-- cifar -->", "## Cost per step: 32x32x3, WRN-16-2 -> WRN-16-1, batch "
                 f"{c['batch']} (CPU, short run)", "",
-                f"Command: `{doc['command']}`  ", f"Machine: {machine_line(doc['machine'])}", "",
+                f"Command: `{c.get('command', doc['command'])}`  ",
+                f"Machine: {machine_line(c.get('machine', doc['machine']))}", "",
                 f"Each cell: a fresh process, `distill()` for {c['steps']} steps (evaluation after each; the first "
                 f"step is the warm-up and is not counted), single-threaded. {c['note']}. One zskt step = a pseudo "
                 "batch (1 generator step + 10 student steps, paper config). deepinversion/cmi: their synthesis "
