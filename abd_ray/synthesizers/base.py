@@ -13,6 +13,7 @@ loop saves, so a resumed run draws what the uninterrupted run drew.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import numbers
@@ -26,6 +27,12 @@ from torch import nn
 
 from abd_ray.data import DataBundle
 from abd_ray.losses import batch_channel_stats, bn_statistics_loss, kd_divergence
+
+
+@functools.cache
+def _takes_t_feats(defense_cls: type, hook: str) -> bool:
+    """Whether a defense class's ``hook`` declares a ``t_feats`` parameter (asked every step: cached per class)."""
+    return "t_feats" in inspect.signature(getattr(defense_cls, hook)).parameters
 
 
 @dataclass
@@ -92,7 +99,7 @@ class SynthContext:
         return self.defense.generator_term(x, t_logits)
 
     def _defense_takes_feats(self, hook: str) -> bool:
-        return "t_feats" in inspect.signature(getattr(self.defense, hook)).parameters
+        return _takes_t_feats(type(self.defense), hook)
 
     def fixed_batch(self, x: torch.Tensor) -> Batch:
         """A fixed-data synthesizer's batch on ``x``: teacher logits, and the teacher's block outputs when the
