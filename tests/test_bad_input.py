@@ -88,6 +88,7 @@ CASES = [
     ("distill --set attack.colour=1", "unknown key 'attack.colour'; allowed attack keys:"),
     ("distill --set novalue", "--set 'novalue' is not key=value"),
     ("distill --defense sv --set defense.bogus=1", "unknown hyperparameter(s) ['bogus']"),
+    ("distill --defense abd --set defense.fixed_mode=ignore", "fixed_mode='ignore' is not allowed; allowed: drop"),
     ("distill --teacher-file {tmp}/evil.pt", "would run code when loaded"),
     ("distill --teacher-file {tmp}/misfit.pt", "does not fit architecture"),
     ("distill --pattern-file {tmp}/garbage.png", "pattern file"),
