@@ -346,6 +346,13 @@ def test_fixed_point_hypergradient_matches_the_closed_form_of_a_quadratic_inner_
     # few iterations are only an approximation, and K < 1 is refused
     (rough,) = fixed_point_hypergrad([w_star], [lam], inner, outer, K=1, step=step)
     assert not torch.allclose(rough, closed, atol=1e-4)
+    # K iterations are exactly K terms of the Neumann series: v = sum_{j<K} (I - step A)^j (w* - c), and the
+    # hypergradient is D lam + step B' v
+    jac = torch.eye(n, dtype=torch.float64) - step * a
+    for k in (1, 2, 3):
+        v = sum(torch.linalg.matrix_power(jac, j) @ (w_star.detach() - c) for j in range(k))
+        (hg_k,) = fixed_point_hypergrad([w_star], [lam], inner, outer, K=k, step=step)
+        assert torch.allclose(hg_k, dm @ lam.detach() + step * b.T @ v, atol=1e-10, rtol=0), k
     with pytest.raises(ValueError, match="K=0"):
         fixed_point_hypergrad([w_star], [lam], inner, outer, K=0, step=step)
 

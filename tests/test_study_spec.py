@@ -214,26 +214,27 @@ def test_study_searcher_order_failures_and_orphans(tmp_path):
     searcher = StudySearcher(spec.grid_configs(), cell_searchers(spec, str(tmp_path), consts), 2, spec.name,
                              str(tmp_path))
     got = [searcher.suggest(f"t{i}") for i in range(7)]
-    assert got[0]["defense"] == "none" and got[1]["defense"] == "none"  # the grid first
-    assert [g["study.cell"] for g in got[2:6]] == ["badnet_grid/zskt", "blend/zskt"] * 2  # round-robin
+    # The searches first (round-robin over cells), the undefended fixed trials (the cheapest) last.
+    assert [g["study.cell"] for g in got[:4]] == ["badnet_grid/zskt", "blend/zskt"] * 2
+    assert [(g["defense"], g["study.cell"]) for g in got[4:6]] == [("none", "badnet_grid/zskt"), ("none", "blend/zskt")]
     from abd_ray.defenses import build_defense
 
     defaults = build_defense("abd").params
-    assert got[2]["defense.coef"] == defaults["coef"] and got[2]["defense.inner_round"] == defaults["inner_round"]
+    assert got[0]["defense.coef"] == defaults["coef"] and got[0]["defense.inner_round"] == defaults["inner_round"]
     assert got[6] == "FINISHED"
-    searcher.on_trial_complete("t0", {"clean_acc": 95.0, "asr": 99.0, "final": 1})
-    searcher.on_trial_complete("t0", {"clean_acc": 95.0, "asr": 99.0, "final": 1})  # a second time: once only
-    searcher.on_trial_complete("t1", None, error=True)
+    searcher.on_trial_complete("t4", {"clean_acc": 95.0, "asr": 99.0, "final": 1})
+    searcher.on_trial_complete("t4", {"clean_acc": 95.0, "asr": 99.0, "final": 1})  # a second time: once only
+    searcher.on_trial_complete("t5", None, error=True)
     grid = optuna.load_study(study_name="t:badnet_grid/zskt:grid", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [(t.state.name, t.values, t.params["defense"]) for t in grid.trials] == [
         ("COMPLETE", [95.0, 99.0], "none")]
     grid = optuna.load_study(study_name="t:blend/zskt:grid", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [(t.state.name, t.values) for t in grid.trials] == [("FAIL", None)]
-    searcher.on_trial_complete("t2", {"clean_acc": 90.0, "asr": 5.0, "final": 1})
+    searcher.on_trial_complete("t0", {"clean_acc": 90.0, "asr": 5.0, "final": 1})
     # A trial that errored after an evaluation is FAIL in Optuna, not COMPLETE with its partial values.
-    searcher.on_trial_complete("t3", {"clean_acc": 50.0, "asr": 50.0}, error=True)
-    searcher.on_trial_complete("t4", {"clean_acc": 91.0, "asr": 4.0, "final": 1})
-    # t5 is left RUNNING, as if its driver had been killed: closed as FAIL once the study has ended.
+    searcher.on_trial_complete("t1", {"clean_acc": 50.0, "asr": 50.0}, error=True)
+    searcher.on_trial_complete("t2", {"clean_acc": 91.0, "asr": 4.0, "final": 1})
+    # t3 is left RUNNING, as if its driver had been killed: closed as FAIL once the study has ended.
     names = [optuna_study_name(spec.name, c) for c in consts]
     assert optuna_counts(str(tmp_path), names)[names[1]] == {"FAIL": 1, "RUNNING": 1}
     assert close_orphans(str(tmp_path), names) == 1
@@ -245,4 +246,12 @@ def test_study_searcher_order_failures_and_orphans(tmp_path):
     fresh = StudySearcher([], {}, 0)
     fresh.restore(str(tmp_path / "s.pkl"))
     assert fresh.owner == searcher.owner and fresh.next_fixed == 2
+    # Defended fixed trials (costly) go before the searches; the grid's order is kept within each group.
+    grid = [{"defense": d, "seed": s} for d in ("none", "abd", "sv") for s in (0, 1)]
+    (tmp_path / "o").mkdir()
+    two = StudySearcher(grid, cell_searchers(spec, str(tmp_path / "o"), consts), 1)
+    got = [two.suggest(f"u{i}") for i in range(9)]
+    assert [(g["defense"], g.get("seed")) for g in got[:4]] == [("abd", 0), ("abd", 1), ("sv", 0), ("sv", 1)]
+    assert [g["defense"] for g in got[4:6]] == ["abd", "abd"] and "study.cell" in got[4]
+    assert [(g["defense"], g.get("seed")) for g in got[6:8]] == [("none", 0), ("none", 1)] and got[8] == "FINISHED"
     assert optuna.load_study(study_name=names[0], storage=f"sqlite:///{tmp_path}/optuna.db").best_trials

@@ -84,8 +84,9 @@ def fixed_point_hypergrad(
     phi = [w - step * g for w, g in zip(params, i_grads, strict=True)]
 
     # v <- (d_w Phi)^T v + d_w L_out, from v = 0: K terms of the Neumann series of (I - d_w Phi)^{-T} d_w L_out.
-    v = [torch.zeros_like(w) for w in params]
-    for _ in range(K):
+    # The first iteration maps v = 0 to d_w L_out exactly, so it starts there and K - 1 products remain.
+    v = list(g_out_w)
+    for _ in range(K - 1):
         jv = _grads(phi, params, grad_outputs=v, retain_graph=True)
         v = [a + b for a, b in zip(jv, g_out_w, strict=True)]
 

@@ -75,6 +75,7 @@ def find_perturbation(
     lr: float = 0.1,
     l2: float = 1e-3,
     generator: torch.Generator | None = None,
+    ref: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A universal perturbation that makes ``model`` change its mind on ``x``.
 
@@ -87,13 +88,15 @@ def find_perturbation(
         lr: Adam learning rate.
         l2: L2 penalty weight.
         generator: seeds the tiny symmetry-breaking start.
+        ref: ``model``'s eval-mode logits on ``x``, when the caller has them (computed here otherwise).
 
     Returns:
         ``delta`` of shape (1, C, H, W), detached.
     """
     with _EvalNoStats(model):
-        with torch.no_grad():
-            ref = model(x)
+        if ref is None:
+            with torch.no_grad():
+                ref = model(x)
         noise = torch.randn((1, *x.shape[1:]), generator=generator, dtype=x.dtype)
         delta = (noise * _DELTA_INIT_STD).to(x.device).requires_grad_(True)
         opt = torch.optim.Adam([delta], lr=lr)
@@ -289,13 +292,19 @@ class SelfRetrospection(Defense):
             return
         p = self.params
         x = x.detach()
+        # The student's eval-mode logits on x, computed once: the perturbation search's reference (when it searches
+        # the student), the outer loss's (hg_ref student) and the flip rate's. Nothing moves the student's weights
+        # before the loop steps, so they stay valid through this call.
+        with torch.no_grad(), _EvalNoStats(student):
+            s_clean = student(x)
         pert_model = student if p["pert_model"] == "student" else teacher
-        delta = find_perturbation(pert_model, x, p["inner_round"], p["pert_lr"], p["pert_l2"], self._rng)
+        delta = find_perturbation(pert_model, x, p["inner_round"], p["pert_lr"], p["pert_l2"], self._rng,
+                                  ref=s_clean if pert_model is student else None)
         t_logits = None  # the teacher's logits, computed once for the outer reference and the bound
         if p["hg_ref"] == "teacher" or p["sr_max_ratio"] is not None:
             with torch.no_grad():
                 t_logits = teacher(x).float()
-        reference = t_logits if p["hg_ref"] == "teacher" else None
+        reference = t_logits if p["hg_ref"] == "teacher" else s_clean
         grads, stats = retrospection_hypergrad(
             student, x, delta, p["hg_out_portion"], p["pert_l2"], p["K"], p["fp_step"], self._rng, reference
         )
@@ -315,7 +324,7 @@ class SelfRetrospection(Defense):
                 else:
                     q.grad.add_(g)
             with _EvalNoStats(student):
-                flips = (student(_apply(x, delta)).argmax(1) != student(x).argmax(1)).float().mean()
+                flips = (student(_apply(x, delta)).argmax(1) != s_clean.argmax(1)).float().mean()
         self.sr_steps += 1
         self._last = {**stats, "sr_pert_norm": float(delta.norm()), "sr_flip": 100.0 * float(flips),
                       "sr_hg_norm": float(hg_norm), "sr_scale": float(scale)}
