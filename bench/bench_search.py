@@ -123,6 +123,13 @@ def search_main(args: argparse.Namespace, argv: list[str]) -> None:
     out_json = R.RESULTS / ("search_smoke.json" if args.smoke else "search.json")
     keep = out_json.exists() and (args.resume or args.render)
     doc: dict[str, Any] = json.loads(out_json.read_text()) if keep else {}
+    if keep and not args.render:
+        # Runs at another budget are not comparable: refuse to mix them into one table.
+        asked = {"steps": steps, "sr_on": args.sr_on, "trials_per_sampler": n}
+        held = {k: doc.get(k) for k in asked}
+        if any(held[k] is not None and held[k] != asked[k] for k in held):
+            raise SystemExit(f"{out_json} holds runs at {held}, this command asks for {asked}: rerun with the same "
+                             "--steps/--sr-on/--trials to add runs, or without --resume to start a new table")
     if not args.render:
         doc.update({"machine": R.machine(), "command": R.cmdline(argv), "steps": steps, "sr_on": args.sr_on,
                     "trials_per_sampler": n, "seeds": seeds})
@@ -148,6 +155,7 @@ def search_main(args: argparse.Namespace, argv: list[str]) -> None:
                 rows = [r for r in rows if r["kind"] == "grid"]
             doc["runs"][key] = {
                 "label": label, "seed": seed, "wall_s": round(time.perf_counter() - t0, 1), "load": [l0, R.load()],
+                "command": R.cmdline(argv), "date": R.machine()["date"], "commit": R.git_commit(),
                 "trials": [{k: r[k] for k in ("trial_id", "clean_acc", "asr", "params", "wall_s")} for r in rows],
                 "hv": curve(rows),
             }
@@ -222,7 +230,9 @@ def markdown(doc: dict[str, Any], png: Path) -> str:
     seeds = sorted({r["seed"] for r in runs.values()})
     grid_n = max((len(r["hv"]) for r in runs.values() if r["label"] == "grid"), default=0)
     lines = ["## Search efficiency: hypervolume vs finished trials (digits, badnet_grid, zskt, ABD)", "",
-             f"Command: `{doc['command']}`  ", f"Machine: {R.machine_line(doc['machine'])}", "",
+             "Commands (in the order they ran; with `--resume` each adds the runs that `search.json` lacks):", "",
+             *[f"    {c}" for c in dict.fromkeys(r.get("command", doc["command"]) for r in runs.values())], "",
+             f"Machine: {R.machine_line(doc['machine'])}", "",
              f"Reduced budget: {doc['steps']} steps per trial (the digits default is 3000), SR on = `sr_start` "
              f"{doc['sr_on']} (SR for the last {round((1 - doc['sr_on']) * doc['steps'])} steps), SR off = "
              f"`sr_start` 1.0. Each sampler: a real study (`abd_ray.study.runner.launch`: Ray Tune + Optuna + "

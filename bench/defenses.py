@@ -6,7 +6,9 @@ Cells: none / sv / sr / abd with zskt for badnet_grid, blend and trojan_3x3; non
 synthesizer on badnet_grid. Each run uses the package defaults (dataset budget, defense hyperparameters). Prints
 one JSON line per run; writes bench/results/defenses.json (updated after every run, so an interrupted benchmark
 resumes where it stopped unless --fresh) and bench/results/defenses.md (the table: clean_acc, asr, robust_acc,
-der against the undefended twin, and wall time relative to it).
+der against the undefended twin, and wall time relative to it). Each run records the commit and the defense's
+resolved hyperparameters; a run whose recorded hyperparameters differ from the package's current defaults is
+stale and runs again.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from run import git_commit  # noqa: E402  (bench/run.py)
 
 ZSKT_ATTACKS = ("badnet_grid", "blend", "trojan_3x3")
 DEFENSES = ("none", "sv", "sr", "abd")
@@ -38,6 +42,19 @@ def cells(only: str | None) -> list[tuple[str, str, str]]:
 
 def key(c: tuple[str, str, str], seed: int, steps: int | None) -> str:
     return f"{c[0]}/{c[1]}/{c[2]}/seed{seed}/steps{steps or 'default'}"
+
+
+def defense_params(defense: str) -> dict:
+    """The defense's resolved default hyperparameters, as a run records them (JSON-comparable)."""
+    from abd_ray.defenses import build_defense
+
+    return json.loads(json.dumps(build_defense(defense).params, default=str))
+
+
+def stale(row: dict) -> bool:
+    """Whether a recorded run was made with other defense settings than the current defaults (rows from before
+    the settings were recorded are kept)."""
+    return "defense_params" in row and row["defense_params"] != defense_params(row["defense"])
 
 
 def run_cell(c: tuple[str, str, str], seed: int, steps: int | None, cache: str) -> dict:
@@ -59,6 +76,7 @@ def run_cell(c: tuple[str, str, str], seed: int, steps: int | None, cache: str) 
         "teacher_clean_acc": m.get("teacher_clean_acc"), "teacher_asr": m.get("teacher_asr"),
         "wall_s": m["wall_s"], "process_s": round(time.perf_counter() - t0, 2),
         "defense_metrics": {k: v for k, v in m.items() if k.startswith(("sv_", "sr_"))},
+        "defense_params": defense_params(defense), "commit": git_commit(),
     }
 
 
@@ -114,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["command"] = " ".join([Path(sys.executable).name, "bench/defenses.py", *(argv or sys.argv[1:])])
     for c in todo:
         k = key(c, args.seed, args.steps)
-        if k in doc["runs"]:
+        if k in doc["runs"] and not stale(doc["runs"][k]):
             continue
         row = run_cell(c, args.seed, args.steps, args.cache)
         print(json.dumps(row, sort_keys=True), flush=True)

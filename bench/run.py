@@ -117,6 +117,18 @@ def update_section(name: str, body: str) -> None:
     RESULTS_MD.write_text(text)
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (short hash, ``+`` when the tree has uncommitted changes), or None outside git."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+" if dirty else "")
+
+
 def cmdline(argv: list[str]) -> str:
     return ".venv/bin/python bench/run.py " + " ".join(argv)
 
