@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -80,8 +82,12 @@ def sharing(ks: list[int], steps: int, device: str, cache: str) -> list[dict[str
     out = []
     base = None
     for k in ks:
+        # The k processes import torch and start CUDA at their own pace; the barrier starts their loops together,
+        # so the timed windows overlap and measure k trials sharing the device.
+        barrier = tempfile.mkdtemp(prefix=f"abd-gpu-share-{k}-")
         cmd = [sys.executable, run_py, "_cell", "--synth", "zskt", "--defense", "none", "--dataset", "digits",
-               "--steps", str(steps), "--eval-every", str(max(1, steps // 2)), "--device", device, "--cache", cache]
+               "--steps", str(steps), "--eval-every", str(max(1, steps // 2)), "--device", device, "--cache", cache,
+               "--barrier", f"{barrier}:{k}"]
         t0 = time.perf_counter()
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(k)]
         rates = []
@@ -90,6 +96,7 @@ def sharing(ks: list[int], steps: int, device: str, cache: str) -> list[dict[str
             lines = [ln for ln in o.splitlines() if ln.startswith("CELL ")]
             if lines:
                 rates.append(1.0 / json.loads(lines[-1][5:])["loop_wall_s_per_step"])
+        shutil.rmtree(barrier, ignore_errors=True)
         row = {"k": k, "per_trial_steps_per_s": min(rates) if rates else None,
                "mean_per_trial_steps_per_s": sum(rates) / len(rates) if rates else None,
                "total_steps_per_s": sum(rates) if rates else None, "finished": len(rates),

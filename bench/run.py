@@ -170,6 +170,19 @@ def write_random_teacher(path: Path) -> Path:
     return path
 
 
+def wait_barrier(spec: str, timeout: float = 300.0) -> None:
+    """Check in to a barrier ``DIR:N`` (a file per process in DIR) and wait until N processes have, so that
+    processes started at once begin their timed work together whatever their start-up took."""
+    folder, n = spec.rsplit(":", 1)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"{os.getpid()}").touch()
+    end = time.monotonic() + timeout
+    while len(list(Path(folder).iterdir())) < int(n):
+        if time.monotonic() > end:
+            raise SystemExit(f"barrier {spec}: only {len(list(Path(folder).iterdir()))} of {n} checked in")
+        time.sleep(0.05)
+
+
 def cell_main(args: argparse.Namespace) -> None:
     """Run one distillation with the real KD loop and print its per-window step costs as one JSON line."""
     import torch
@@ -203,7 +216,10 @@ def cell_main(args: argparse.Namespace) -> None:
         marks.append((step, time.perf_counter(), time.process_time(), float(metrics.get("step_time_s", "nan"))))
 
     if cuda:
+        torch.cuda.init()
         torch.cuda.reset_peak_memory_stats()
+    if args.barrier:
+        wait_barrier(args.barrier)
     t0, c0 = time.perf_counter(), time.process_time()
     res = distill(cfg, report=report, progress=False)
     windows = []
@@ -578,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         cl.add_argument(k, type=int, default=d)
     cl.add_argument("--sr-start", type=float, default=0.0)
     cl.add_argument("--set", action="append")
+    cl.add_argument("--barrier", default=None, help="DIR:N: once set up, wait until N cells have checked in to DIR "
+                    "(cells started together then run their loops together)")
 
     from_ext = _register_more(sub)
 

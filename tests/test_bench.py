@@ -47,3 +47,22 @@ def test_update_section_replaces_only_its_block(tmp_path, monkeypatch):
     text = md.read_text()
     assert "zskt two" in text and "zskt one" not in text and "cost one" in text
     assert text.index("BEGIN cost") < text.index("BEGIN zskt")  # fixed section order
+
+
+def test_barrier_waits_for_every_process(tmp_path):
+    folder = tmp_path / "b"
+    folder.mkdir()
+    (folder / "peer").touch()  # another process that already checked in
+    run.wait_barrier(f"{folder}:2", timeout=5)
+    assert len(list(folder.iterdir())) == 2
+    with pytest.raises(SystemExit, match="only 2 of 3 checked in"):
+        run.wait_barrier(f"{folder}:3", timeout=0.2)
+
+
+def test_defense_rows_with_other_settings_are_stale():
+    defenses = pytest.importorskip("defenses")
+    params = defenses.defense_params("abd")
+    assert params["coef"] == 4.0 and params["fixed_mode"] == "capped"
+    assert not defenses.stale({"defense": "abd", "defense_params": params})
+    assert defenses.stale({"defense": "abd", "defense_params": {**params, "fixed_mode": "drop"}})
+    assert not defenses.stale({"defense": "abd"})  # a row from before the settings were recorded is kept
