@@ -251,9 +251,22 @@ def markdown(doc: dict[str, Any], png: Path) -> str:
                      f"{r['hv'][-1] if r['hv'] else float('nan'):.0f} | {hit if hit else 'not reached'} | "
                      f"{r['wall_s']:.0f} (load {r['load'][0]}->{r['load'][1]}) |")
     lines.append("")
+    grid_seeds = sorted(s["grid_final_hv"])
+    lines += ["| sampler | seeds run | trials to 95% of the grid's final HV, per seed | worst seed |",
+              "|---|---|---|---|"]
+    for lab, reach in s["reach95"].items():
+        if lab == "grid":
+            continue
+        ran = [r["seed"] for r in runs.values() if r["label"] == lab and r["seed"] in grid_seeds]
+        worst = "not reached" if any(h is None for h in reach) else (max(reach) if reach else "-")
+        lines.append(f"| {lab} | {ran} | {', '.join(str(h) if h else 'not reached' for h in reach)} | {worst} |")
+    lines.append("")
+    # The best sampler is chosen among those run on every seed that has a grid: a sampler with fewer seeds
+    # would be judged on easier evidence.
     best = None
     for lab, reach in s["reach95"].items():
-        if lab == "grid" or not reach or any(h is None for h in reach):
+        ran = {r["seed"] for r in runs.values() if r["label"] == lab}
+        if lab == "grid" or not reach or any(h is None for h in reach) or not set(grid_seeds) <= ran:
             continue
         v = max(reach)
         if best is None or v < best[1]:
@@ -263,11 +276,11 @@ def markdown(doc: dict[str, Any], png: Path) -> str:
         ok = best[1] <= third_nominal
         lines.append(f"Target: the best sampler reaches 95% of the grid's final hypervolume within a third of the "
                      f"grid's trials (4 of 12 nominal; {third_distinct:.0f} of {grid_n} distinct). Best: {best[0]}, "
-                     f"{best[1]} trial(s) (worst seed) -> {'met' if ok else 'NOT met'} against 12 nominal, "
-                     f"{'met' if best[1] <= third_distinct else 'NOT met'} against {grid_n} distinct.")
+                     f"{best[1]} trial(s) (worst of seeds {grid_seeds}) -> {'met' if ok else 'NOT met'} against 12 "
+                     f"nominal, {'met' if best[1] <= third_distinct else 'NOT met'} against {grid_n} distinct.")
     else:
-        lines.append("Target: no sampler reached 95% of the grid's final hypervolume on every seed within its "
-                     "trials -> NOT met.")
+        lines.append(f"Target: no sampler run on every seed with a grid ({grid_seeds}) reached 95% of the grid's "
+                     "final hypervolume on each of them within its trials -> NOT met.")
     lines.append("")
     return "\n".join(lines)
 
