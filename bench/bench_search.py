@@ -210,7 +210,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for lab, c in doc["summary"]["mean_curve"].items():
-        ax.plot(range(1, len(c) + 1), c, marker="o", label=lab, linestyle="--" if lab == "grid" else "-")
+        n = sum(r["label"] == lab for r in doc["runs"].values())
+        label = f"{lab} (mean of {n} seeds)" if n > 1 else f"{lab} (1 seed)"
+        ax.plot(range(1, len(c) + 1), c, marker="o", label=label, linestyle="--" if lab == "grid" else "-")
     for g in doc["summary"]["grid_final_hv"].values():
         ax.axhline(0.95 * g, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("finished trials")
