@@ -135,8 +135,8 @@ class StudySearcher(Searcher):
 
     Order: the defended fixed trials, then the searches, then the undefended fixed trials. The undefended trials
     are the cheapest (no vaccine, no SR), so they fill the last worker slots while the costly trials finish: longest
-    first packs a study tighter on its workers than the baseline first (the quickstart on two workers: its
-    undefended trial first left one worker idle for a third of the study).
+    first packs a study tighter on its workers than the baseline first (the quickstart on two workers, undefended
+    trial first, ended with its last ABD trial running alone beside an idle worker).
 
     Args:
         fixed: flat configs of the fixed (grid) trials.
