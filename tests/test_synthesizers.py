@@ -10,6 +10,8 @@ import torch
 from abd_ray import losses
 from abd_ray.data import load_dataset
 from abd_ray.defenses import Defense
+from abd_ray.defenses.vaccine import draw_permutations
+from abd_ray.memo import RowMemo
 from abd_ray.models import build_model
 from abd_ray.registry import SYNTHESIZERS
 from abd_ray.synthesizers import SynthContext, synthesizer_class
@@ -180,6 +182,34 @@ def test_memory_bank_caps_and_round_trips():
     assert bank.sample(7, g).shape == (7, 1, 2, 2)
 
 
+def test_bank_keys_name_the_same_sample_after_the_front_is_dropped():
+    bank = MemoryBank(5)
+    bank.add(torch.arange(3.0).view(3, 1, 1, 1))  # entry k holds the value k: its serial number
+    bank.add(torch.arange(3.0, 7.0).view(4, 1, 1, 1))  # serials 0 and 1 dropped
+    x, keys = bank.sample_keyed(50, torch.Generator().manual_seed(0))
+    assert torch.equal(x.flatten(), keys.float()) and set(keys.tolist()) == {2, 3, 4, 5, 6}
+    other = MemoryBank(5)
+    other.load_state_dict(bank.state_dict(), torch.device("cpu"))
+    assert other.dropped == 2
+
+
+def test_row_memo_computes_each_key_once():
+    memo, seen = RowMemo(), []
+
+    def fn(x):
+        seen.append(len(x))
+        return x * 2
+
+    x = torch.arange(4.0).view(4, 1)
+    assert torch.equal(memo.rows(torch.tensor([0, 1, 2, 3]), x, fn), x * 2)
+    out = memo.rows(torch.tensor([3, 70, 3, 1]), torch.tensor([[3.0], [70.0], [3.0], [1.0]]), fn)
+    assert torch.equal(out.flatten(), torch.tensor([6.0, 140.0, 6.0, 2.0]))  # key 70 grows the memo past 64 rows
+    assert seen == [4, 1] and len(memo) == 5
+    memo.clear()
+    memo.rows(torch.tensor([1]), torch.tensor([[1.0]]), fn)
+    assert seen == [4, 1, 1]
+
+
 def test_bank_synthesizers_run_rounds_on_schedule(toy_teacher):
     synth, _ = make("cmi", toy_teacher, {"round_every": 2})
     for step in range(5):
@@ -312,6 +342,8 @@ def test_fixed_data_batches_carry_teacher_features_to_the_vaccine(name, toy_teac
     from abd_ray.defenses import build_defense
 
     synth, ctx = make(name, toy_teacher)
+    if name != "ood":  # augmented, as on 32x32 data (digits are not augmented: see the memo test below)
+        synth.aug = {"pad": 1, "flip": True}
     ctx.defense = build_defense("sv", {"fixed_mode": "capped"})
     ctx.defense.bind(toy_teacher, ctx.student, ctx.shape, 10, 10, torch.Generator().manual_seed(0), fixed_data=True)
     batch = next(iter(synth.batches(0)))
@@ -322,3 +354,38 @@ def test_fixed_data_batches_carry_teacher_features_to_the_vaccine(name, toy_teac
     assert torch.allclose(with_feats, without, atol=1e-6)
     ctx.defense = Defense()  # a defense without t_feats in its hook: no features computed
     assert ctx.fixed_batch(batch.x).t_feats is None
+
+
+@pytest.mark.parametrize("name", ["clean", "deepinversion", "cmi"])
+@pytest.mark.parametrize("defense", ["sv", "abd"])
+def test_unaugmented_stored_samples_reuse_teacher_and_suspect_outputs(name, defense, toy_teacher):
+    """On digits, clean and the banks feed stored samples unchanged: the batch names them, and the teacher's and the
+    suspect's logits are computed once per sample, equal to computing them on every draw."""
+    from abd_ray.defenses import build_defense
+
+    synth, ctx = make(name, toy_teacher)
+    ctx.defense = build_defense(defense, {"fixed_mode": "capped"})
+    ctx.defense.bind(toy_teacher, ctx.student, ctx.shape, 10, 10, torch.Generator().manual_seed(0), fixed_data=True)
+    sv = getattr(ctx.defense, "sv", ctx.defense)
+    assert sv.active
+    seen = set()
+    for step in range(4):
+        batch = next(iter(synth.batches(step)))
+        assert batch.keys is not None and batch.t_feats is None
+        with torch.no_grad():
+            assert torch.allclose(batch.t_logits, toy_teacher(batch.x), atol=1e-5)
+        per = torch.rand(len(batch.x))
+        memo_loss = ctx.defense_loss(per, batch)
+        assert torch.allclose(memo_loss, sv.student_loss(per, batch.x, batch.t_logits), atol=1e-6)
+        seen |= set(batch.keys.tolist())
+        assert len(sv._memo) == len(ctx.teacher_memo) == len(seen)
+    rows = []
+    hook = toy_teacher.register_forward_hook(lambda m, inp, out: rows.append(len(inp[0])))
+    try:
+        again = ctx.fixed_batch(batch.x, batch.keys)  # every sample seen: neither model runs
+        ctx.defense_loss(per, again)
+    finally:
+        hook.remove()
+    assert rows == [] and torch.equal(again.t_logits, batch.t_logits)
+    sv._build(draw_permutations(toy_teacher, sv.layers, 2, torch.Generator().manual_seed(5)))
+    assert len(sv._memo) == 0  # new permutations: the old suspect's rows are gone

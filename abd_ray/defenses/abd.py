@@ -62,8 +62,9 @@ class ABD(Defense):
         x: torch.Tensor,
         t_logits: torch.Tensor,
         t_feats: list[torch.Tensor] | None = None,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.sv.student_loss(per_sample, x, t_logits, t_feats)
+        return self.sv.student_loss(per_sample, x, t_logits, t_feats, keys)
 
     def stage2_start(self, total_steps: int) -> int | None:
         return self.sr.stage2_start(total_steps)

@@ -85,7 +85,9 @@ class Defense:
     def student_loss(self, per_sample: torch.Tensor, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
         """Batch loss from per-sample KD losses; the undefended mean by default. A defense that declares a
         ``t_feats`` keyword gets the teacher's block outputs on ``x`` from fixed-data synthesizers (the vaccine
-        does); without it, none are kept."""
+        does); without it, none are kept. One that declares ``keys`` gets, where the rows of ``x`` are stored samples
+        fed unchanged (unaugmented ``clean`` and banks), each row's sample key (``abd_ray.memo.RowMemo``) and then
+        no ``t_feats``."""
         return per_sample.mean()
 
     def stage2_start(self, total_steps: int) -> int | None:

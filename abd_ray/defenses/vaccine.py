@@ -29,6 +29,7 @@ from torch import nn
 
 from abd_ray.defenses._params import as_bool, as_choice, as_float, as_int
 from abd_ray.defenses.base import Defense
+from abd_ray.memo import RowMemo
 from abd_ray.models import conv_layers
 from abd_ray.registry import DEFENSES
 
@@ -403,6 +404,7 @@ class ShufflingVaccine(Defense):
         self._masked: deque[float] = deque(maxlen=100)
         self._div: deque[float] = deque(maxlen=100)
         self._pending_state: dict[str, Any] | None = None
+        self._memo = RowMemo()  # the suspect's logits per stored sample, on unaugmented fixed data
 
     # -- hooks ----------------------------------------------------------------------------------------------------
 
@@ -433,6 +435,7 @@ class ShufflingVaccine(Defense):
         assert self.teacher is not None, "bind() first"
         device = next(self.teacher.parameters()).device
         self.suspect = ShuffledEnsemble(self.teacher, perms).to(device)
+        self._memo.clear()  # rows of the previous suspect
 
     def observe(self, x: torch.Tensor, t_logits: torch.Tensor, step: int) -> None:
         if self._check_done:
@@ -489,10 +492,14 @@ class ShufflingVaccine(Defense):
         x: torch.Tensor,
         t_logits: torch.Tensor,
         t_feats: list[torch.Tensor] | None = None,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not (self.active and self.fixed_data):
             return per_sample.mean()
-        u = self._suspect_logits(x, with_grad=False, t_feats=t_feats)
+        if keys is not None:  # stored samples fed unchanged: the frozen suspect's logits, once per sample
+            u = self._memo.rows(keys, x, lambda xs: self._suspect_logits(xs, with_grad=False))
+        else:
+            u = self._suspect_logits(x, with_grad=False, t_feats=t_feats)
         m = suspect_mask(t_logits.detach(), u)
         self._masked.append(float(m.float().mean()))
         self._div.append(float(suspect_divergence(t_logits.detach(), u).mean()))

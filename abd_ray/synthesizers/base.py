@@ -27,12 +27,13 @@ from torch import nn
 
 from abd_ray.data import DataBundle
 from abd_ray.losses import batch_channel_stats, bn_statistics_loss, kd_divergence
+from abd_ray.memo import RowMemo
 
 
 @functools.cache
-def _takes_t_feats(defense_cls: type, hook: str) -> bool:
-    """Whether a defense class's ``hook`` declares a ``t_feats`` parameter (asked every step: cached per class)."""
-    return "t_feats" in inspect.signature(getattr(defense_cls, hook)).parameters
+def _takes(defense_cls: type, hook: str, arg: str) -> bool:
+    """Whether a defense class's ``hook`` declares the keyword ``arg`` (asked every step: cached per class)."""
+    return arg in inspect.signature(getattr(defense_cls, hook)).parameters
 
 
 @dataclass
@@ -51,6 +52,7 @@ class SynthContext:
         gen_cpu: random generator on the CPU (indices, permutations).
         amp: use bfloat16 autocast (CUDA only).
         channels_last: keep new models (generators) in channels_last, as the teacher and student are.
+        teacher_memo: the teacher's logits on stored samples fed unchanged (see :meth:`fixed_batch`).
     """
 
     teacher: nn.Module
@@ -64,6 +66,7 @@ class SynthContext:
     gen_cpu: torch.Generator
     amp: bool = False
     channels_last: bool = False
+    teacher_memo: RowMemo = field(default_factory=RowMemo, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -99,22 +102,32 @@ class SynthContext:
         return self.defense.generator_term(x, t_logits)
 
     def _defense_takes_feats(self, hook: str) -> bool:
-        return _takes_t_feats(type(self.defense), hook)
+        return _takes(type(self.defense), hook, "t_feats")
 
-    def fixed_batch(self, x: torch.Tensor) -> Batch:
+    def fixed_batch(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> Batch:
         """A fixed-data synthesizer's batch on ``x``: teacher logits, and the teacher's block outputs when the
-        defense's ``student_loss`` takes them (the vaccine then skips the shared trunk's forward)."""
+        defense's ``student_loss`` takes them (the vaccine then skips the shared trunk's forward).
+
+        ``keys``, given only where ``x`` holds stored samples exactly as stored (no augmentation), names each row's
+        sample (:class:`abd_ray.memo.RowMemo`): the teacher's logits are then computed once per sample, and the
+        keys go to a defense whose ``student_loss`` takes them, so it can keep its own per-sample outputs.
+        """
+        if keys is not None:
+            return Batch(x, self.teacher_memo.rows(keys, x, self.teacher_out), keys=keys)
         if self._defense_takes_feats("student_loss"):
             logits, feats = self.teacher_out(x, features=True)
             return Batch(x, logits, feats)
         return Batch(x, self.teacher_out(x))
 
     def defense_loss(self, per_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The defense's batch loss from per-sample KD losses, with the batch's teacher features for a defense
-        whose ``student_loss`` takes ``t_feats``."""
+        """The defense's batch loss from per-sample KD losses, with the batch's teacher features and sample keys
+        for a defense whose ``student_loss`` takes ``t_feats`` / ``keys``."""
+        kw: dict[str, Any] = {}
         if batch.t_feats is not None and self._defense_takes_feats("student_loss"):
-            return self.defense.student_loss(per_sample, batch.x, batch.t_logits, t_feats=batch.t_feats)
-        return self.defense.student_loss(per_sample, batch.x, batch.t_logits)
+            kw["t_feats"] = batch.t_feats
+        if batch.keys is not None and _takes(type(self.defense), "student_loss", "keys"):
+            kw["keys"] = batch.keys
+        return self.defense.student_loss(per_sample, batch.x, batch.t_logits, **kw)
 
     def to_model_format(self, m: nn.Module) -> nn.Module:
         """Move a new model to the device, in the run's memory format."""
@@ -132,11 +145,13 @@ class Batch:
         x: inputs in pixel space (N, C, H, W).
         t_logits: teacher logits on ``x`` (float32).
         t_feats: the teacher's block outputs, when the synthesizer's student loss needs them.
+        keys: each row's sample key, where the rows are stored samples fed unchanged (see ``fixed_batch``).
     """
 
     x: torch.Tensor
     t_logits: torch.Tensor
     t_feats: list[torch.Tensor] | None = None
+    keys: torch.Tensor | None = None
 
 
 @dataclass
@@ -370,6 +385,9 @@ class BNStats:
 class MemoryBank:
     """A growing store of synthesized inputs (and optional features), capped at ``max_size`` (oldest dropped).
 
+    Every entry has a serial number (how many entries were added before it), which stays its key while it is
+    held, whatever is dropped before it.
+
     Args:
         max_size: most entries kept.
     """
@@ -377,6 +395,7 @@ class MemoryBank:
     def __init__(self, max_size: int) -> None:
         self.max_size = int(max_size)
         self.x: torch.Tensor | None = None
+        self.dropped = 0  # entries dropped from the front: the serial number of ``x[0]``
 
     def __len__(self) -> int:
         return 0 if self.x is None else len(self.x)
@@ -385,19 +404,26 @@ class MemoryBank:
         x = x.detach()
         self.x = x.clone() if self.x is None else torch.cat([self.x, x])
         if len(self.x) > self.max_size:
+            self.dropped += len(self.x) - self.max_size
             self.x = self.x[-self.max_size :].clone()
 
     def sample(self, n: int, gen_cpu: torch.Generator) -> torch.Tensor:
         """``n`` entries drawn uniformly with replacement."""
+        return self.sample_keyed(n, gen_cpu)[0]
+
+    def sample_keyed(self, n: int, gen_cpu: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` entries drawn uniformly with replacement, and their serial numbers."""
         assert self.x is not None and len(self.x), "sample from an empty bank"
         idx = torch.randint(0, len(self.x), (n,), generator=gen_cpu).to(self.x.device)
-        return self.x[idx]
+        return self.x[idx], idx + self.dropped
 
     def state_dict(self) -> dict[str, Any]:
-        return {"x": None if self.x is None else self.x.detach().cpu().clone(), "max_size": self.max_size}
+        x = None if self.x is None else self.x.detach().cpu().clone()
+        return {"x": x, "max_size": self.max_size, "dropped": self.dropped}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.x = None if state["x"] is None else state["x"].to(device)
+        self.dropped = int(state.get("dropped", 0))  # states written before serial numbers: none dropped
 
 
 def balanced_labels(n: int, num_classes: int, gen_cpu: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -467,6 +493,11 @@ def random_resized_crop(
     idx = src_index if src_index is not None else torch.arange(n, device=dev) % b
     boxes = torch.stack([idx.to(dev).float(), x1, y1, x1 + cw, y1 + ch], dim=1)
     return roi_align(src, boxes.to(src.dtype), out_hw, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
+def unchanged_by(aug: dict[str, Any]) -> bool:
+    """Whether ``shift_flip(x, gen, **aug)`` returns ``x`` as it is (no shift, no flip)."""
+    return not aug["pad"] and not aug["flip"]
 
 
 def kd_augment(data: DataBundle) -> dict[str, Any]:

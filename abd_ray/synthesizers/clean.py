@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from abd_ray.registry import SYNTHESIZERS
-from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer, kd_augment, shift_flip
+from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer, kd_augment, shift_flip, unchanged_by
 
 
 @SYNTHESIZERS.register("clean", paper="Hong et al., ICML 2023 (clean-KD reference)")
@@ -50,4 +50,4 @@ class CleanKD(Synthesizer):
     def batches(self, step: int) -> Iterator[Batch]:
         idx = torch.randint(0, len(self.x), (self.ctx.batch_size,), generator=self.ctx.gen_cpu).to(self.x.device)
         x = shift_flip(self.x[idx], self.ctx.gen, **self.aug)
-        yield self.ctx.fixed_batch(x)
+        yield self.ctx.fixed_batch(x, keys=idx if unchanged_by(self.aug) else None)

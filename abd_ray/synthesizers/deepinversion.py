@@ -31,6 +31,7 @@ from abd_ray.synthesizers.base import (
     frozen,
     kd_augment,
     shift_flip,
+    unchanged_by,
 )
 
 
@@ -58,9 +59,9 @@ class BankSynthesizer(Synthesizer):
             finally:
                 student.train(was)
             self.bank.add(x_new)
-        x = self.bank.sample(self.ctx.batch_size, self.ctx.gen_cpu)
+        x, keys = self.bank.sample_keyed(self.ctx.batch_size, self.ctx.gen_cpu)
         x = shift_flip(x, self.ctx.gen, **self.aug)
-        yield self.ctx.fixed_batch(x)
+        yield self.ctx.fixed_batch(x, keys=keys if unchanged_by(self.aug) else None)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "bank": self.bank.state_dict()}
