@@ -118,11 +118,14 @@ def update_section(name: str, body: str) -> None:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (short hash, ``+`` when the tree has uncommitted changes), or None outside git."""
+    """The checkout's commit (short hash, ``+`` when tracked files other than the benchmarks' own outputs have
+    uncommitted changes), or None outside git. A run that writes ``bench/results`` or ``RESULTS.md`` does not mark
+    the next one."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!bench/results", ":!bench/RESULTS.md"], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None

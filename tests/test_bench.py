@@ -66,3 +66,25 @@ def test_defense_rows_with_other_settings_are_stale():
     assert not defenses.stale({"defense": "abd", "defense_params": params})
     assert defenses.stale({"defense": "abd", "defense_params": {**params, "fixed_mode": "drop"}})
     assert not defenses.stale({"defense": "abd"})  # a row from before the settings were recorded is kept
+
+
+def test_commit_is_marked_dirty_by_code_changes_not_by_benchmark_outputs(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    for f in ("code.py", "bench/RESULTS.md", "bench/results/search.json"):
+        (tmp_path / f).write_text("0\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    clean = run.git_commit()
+    assert clean and not clean.endswith("+")
+    (tmp_path / "bench/results/search.json").write_text("1\n")  # a benchmark wrote its results
+    (tmp_path / "bench/RESULTS.md").write_text("1\n")
+    assert run.git_commit() == clean
+    (tmp_path / "code.py").write_text("1\n")
+    assert run.git_commit() == clean + "+"
