@@ -246,7 +246,8 @@ def markdown(doc: dict[str, Any], png: Path) -> str:
              "| run | seed | HV after each finished trial | final HV | trials to 95% of grid's final HV "
              "| study wall s |",
              "|---|---|---|---|---|---|"]
-    for r in runs.values():
+    order = list(dict.fromkeys(r["label"] for r in runs.values()))  # grid first, then samplers as first run
+    for r in sorted(runs.values(), key=lambda r: (r["seed"], order.index(r["label"]))):  # by seed, whatever ran when
         g = s["grid_final_hv"].get(r["seed"])
         hit = next((i + 1 for i, v in enumerate(r["hv"]) if g and v >= 0.95 * g), None)
         lines.append(f"| {r['label']} | {r['seed']} | {', '.join(f'{v:.0f}' for v in r['hv'])} | "
@@ -259,7 +260,7 @@ def markdown(doc: dict[str, Any], png: Path) -> str:
     for lab, reach in s["reach95"].items():
         if lab == "grid":
             continue
-        ran = [r["seed"] for r in runs.values() if r["label"] == lab and r["seed"] in grid_seeds]
+        ran = sorted(r["seed"] for r in runs.values() if r["label"] == lab and r["seed"] in grid_seeds)
         worst = "not reached" if any(h is None for h in reach) else (max(reach) if reach else "-")
         lines.append(f"| {lab} | {ran} | {', '.join(str(h) if h else 'not reached' for h in reach)} | {worst} |")
     lines.append("")
