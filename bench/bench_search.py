@@ -175,6 +175,13 @@ def search_main(args: argparse.Namespace, argv: list[str]) -> None:
         R.update_section("search", md)
 
 
+def trials_to_95(hv: list[float], grid_final: float | None) -> int | None:
+    """How many finished trials a run needed to reach 95% of the grid's final HV (None: never, or no grid)."""
+    if not grid_final:
+        return None
+    return next((i + 1 for i, v in enumerate(hv) if v >= 0.95 * grid_final), None)
+
+
 def summarise(doc: dict[str, Any]) -> dict[str, Any]:
     """Per sampler: mean HV curve over seeds, and the first trial count reaching 95% of the grid's final HV."""
     runs = doc["runs"]
@@ -196,8 +203,7 @@ def summarise(doc: dict[str, Any]) -> dict[str, Any]:
             r, g = runs.get(f"{lab}/seed{s}"), out["grid_final_hv"].get(s)
             if r is None or g is None:
                 continue
-            hit = next((i + 1 for i, v in enumerate(r["hv"]) if v >= 0.95 * g), None)
-            reach.append(hit)
+            reach.append(trials_to_95(r["hv"], g))
         out["reach95"][lab] = reach
     return out
 
@@ -248,8 +254,7 @@ def markdown(doc: dict[str, Any], png: Path) -> str:
              "|---|---|---|---|---|---|"]
     order = list(dict.fromkeys(r["label"] for r in runs.values()))  # grid first, then samplers as first run
     for r in sorted(runs.values(), key=lambda r: (r["seed"], order.index(r["label"]))):  # by seed, whatever ran when
-        g = s["grid_final_hv"].get(r["seed"])
-        hit = next((i + 1 for i, v in enumerate(r["hv"]) if g and v >= 0.95 * g), None)
+        hit = trials_to_95(r["hv"], s["grid_final_hv"].get(r["seed"]))
         lines.append(f"| {r['label']} | {r['seed']} | {', '.join(f'{v:.0f}' for v in r['hv'])} | "
                      f"{r['hv'][-1] if r['hv'] else float('nan'):.0f} | {hit if hit else 'not reached'} | "
                      f"{r['wall_s']:.0f} (load {r['load'][0]}->{r['load'][1]}) |")

@@ -22,6 +22,8 @@ def test_hypervolume_of_a_front():
     assert hv([(90.0, 10.0), (80.0, 20.0)]) == pytest.approx(90 * 90)
     assert hv([(90.0, 10.0), (95.0, 50.0)]) == pytest.approx(95 * 50 + 90 * 40)
     assert bench_search.curve([{"clean_acc": 50.0, "asr": 50.0}, {"clean_acc": 100.0, "asr": 0.0}]) == [2500, 10000]
+    assert bench_search.trials_to_95([10.0, 94.0, 95.0, 99.0], 100.0) == 3
+    assert bench_search.trials_to_95([10.0, 94.0], 100.0) is None and bench_search.trials_to_95([99.0], None) is None
 
 
 def test_grid_points_collapse_inner_round_without_sr():
