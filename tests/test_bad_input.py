@@ -113,6 +113,8 @@ CASES = [
     ("study {tmp}/bad_pattern.yaml", "pattern file"),
     ("study {tmp}/bad_fault.yaml", "faults[0]: names no fault"),
     ("study {tmp}/eval_gt_steps.yaml", "the run would never be evaluated"),
+    ("study {tmp}/good.yaml --address 127.0.0.1:1", "no Ray cluster answers at 127.0.0.1:1 (Connection refused)"),
+    ("study {tmp}/good.yaml --address head", "--address 'head' is not host:port"),
     # abd-ray resume / report
     ("resume {tmp}/nowhere", "holds no abd-ray study (study.json is missing)"),
     ("report {tmp}/nowhere", "holds no abd-ray study (study.json is missing)"),

@@ -39,7 +39,11 @@ def test_cluster_yaml_shape_and_private_services():
     start = " ".join(cfg["head_start_ray_commands"])
     assert "mlflow server" in start and "0.0.0.0" not in start, "MLflow binds to the private address only"
     assert "--dashboard-host=127.0.0.1" in start
-    assert "RAY_AUTH_MODE" not in (ROOT / "cluster.yaml").read_text(), "token authentication stays on"
+    # Ray 2.60's `ray start` enables token authentication only when told to (or a token is already on the node).
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts), "every node checks the token"
+    assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token", "the token reaches every node"
+    assert "RAY_AUTH_MODE=disabled" not in (ROOT / "cluster.yaml").read_text()
     assert "/mnt/shared" in " ".join(cfg["initialization_commands"]), "shared storage is mounted"
 
 

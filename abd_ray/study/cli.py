@@ -11,7 +11,9 @@ from abd_ray.cli import register_command
 def _add_study(sub) -> None:
     p = sub.add_parser("study", help="run a study file (teachers, trials on Ray Tune + Optuna, MLflow tracking)")
     p.add_argument("file", help="a study file, e.g. studies/quickstart.yaml")
-    p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto); default: start Ray here")
+    p.add_argument("--address", default=None,
+                   help="join a running Ray cluster: host:port of its head, or auto (its token from RAY_AUTH_TOKEN, "
+                        "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); default: start Ray here")
     p.add_argument("--storage", default=None,
                    help="storage root: a folder (shared storage on a cluster) or s3://...; default ./abd_ray_results")
     p.add_argument("--tracking-uri", default=None,
@@ -46,7 +48,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 def _add_resume(sub) -> None:
     p = sub.add_parser("resume", help="continue an interrupted study (finished trials are kept)")
     p.add_argument("dir", help="the study folder that `abd-ray study` printed")
-    p.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto)")
+    p.add_argument("--address", default=None, help="join a running Ray cluster (host:port of its head, or auto)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI, if it moved since the study began")
     p.add_argument("--max-acc-drop", type=float, default=5.0, help="allowed clean_acc drop of the recommendation")
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from abd_ray.study.cluster import ray_session
 from abd_ray.study.spec import StudySpec, load_spec
 
 STATE = "study.json"
@@ -163,33 +164,35 @@ def launch(
     if spec.teacher_file:
         # A teacher from elsewhere is checked before anything is created: weights-only, fitting its arch.
         _check_teacher_file(spec)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    lk = lock(study_dir)
-    try:
-        if (study_dir / STATE).exists():  # another driver got here first, between our check and our lock
-            raise ValueError(f"study folder {study_dir} already holds study {spec.name!r}; continue it with "
-                             f"`abd-ray resume {study_dir}`, or start a new one with --name")
-        (study_dir / SPEC_COPY).write_text(spec.source)
-        state = {
-            "format": "abd-ray-study/1",
-            "name": spec.name,
-            "created": _now(),
-            "status": "created",
-            "smoke": smoke,
-            "spec_file": str(Path(spec_path).resolve()),
-            "cwd": os.getcwd(),
-            "storage": tune_storage,
-            "tracking_uri": uri,
-            "cache_dir": cache if _is_uri(cache) else str(Path(cache).expanduser().resolve()),
-            "data_root": str(Path(data_root).expanduser().resolve()) if data_root else None,
-            "planned_trials": spec.planned_trials(),
-            "attempts": 0,
-        }
-        write_state(study_dir, state)
-        echo(f"study {spec.name}: {state['planned_trials']} trials; folder {study_dir}")
-        return study_dir, _drive(study_dir, spec, state, address, echo)
-    finally:
-        lk.release()
+    # Ray before the folder: a cluster that cannot be joined leaves nothing behind to clean up.
+    with ray_session(address, echo):
+        study_dir.mkdir(parents=True, exist_ok=True)
+        lk = lock(study_dir)
+        try:
+            if (study_dir / STATE).exists():  # another driver got here first, between our check and our lock
+                raise ValueError(f"study folder {study_dir} already holds study {spec.name!r}; continue it with "
+                                 f"`abd-ray resume {study_dir}`, or start a new one with --name")
+            (study_dir / SPEC_COPY).write_text(spec.source)
+            state = {
+                "format": "abd-ray-study/1",
+                "name": spec.name,
+                "created": _now(),
+                "status": "created",
+                "smoke": smoke,
+                "spec_file": str(Path(spec_path).resolve()),
+                "cwd": os.getcwd(),
+                "storage": tune_storage,
+                "tracking_uri": uri,
+                "cache_dir": cache if _is_uri(cache) else str(Path(cache).expanduser().resolve()),
+                "data_root": str(Path(data_root).expanduser().resolve()) if data_root else None,
+                "planned_trials": spec.planned_trials(),
+                "attempts": 0,
+            }
+            write_state(study_dir, state)
+            echo(f"study {spec.name}: {state['planned_trials']} trials; folder {study_dir}")
+            return study_dir, _drive(study_dir, spec, state, echo)
+        finally:
+            lk.release()
 
 
 def resume(
@@ -204,40 +207,19 @@ def resume(
 
     study_dir = Path(study_dir).expanduser().resolve()
     state = read_state(study_dir)
-    lk = lock(study_dir)
-    try:
-        if tracking_uri is not None:
-            state["tracking_uri"] = resolve_tracking_uri(tracking_uri)
-        spec = _spec_from_state(study_dir, state)
-        echo(f"resuming study {spec.name} in {study_dir}")
-        return study_dir, _drive(study_dir, spec, state, address, echo)
-    finally:
-        lk.release()
+    with ray_session(address, echo):
+        lk = lock(study_dir)
+        try:
+            if tracking_uri is not None:
+                state["tracking_uri"] = resolve_tracking_uri(tracking_uri)
+            spec = _spec_from_state(study_dir, state)
+            echo(f"resuming study {spec.name} in {study_dir}")
+            return study_dir, _drive(study_dir, spec, state, echo)
+        finally:
+            lk.release()
 
 
 # --- the drive ------------------------------------------------------------------------------------------------------
-
-
-def _ray_init(address: str | None) -> bool:
-    """Start Ray in-process (all local CPUs and GPUs) or join ``address``; returns whether we started it.
-
-    Ray's token authentication is left as Ray sets it (on).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Tune snapshots the experiment whenever a trial has checkpointed num_to_keep times since the last snapshot,
-    # which is what a resume needs; its warning about doing so often is noise with short evaluation intervals.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    kw: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
-    if address:
-        kw["address"] = address
-    elif not os.environ.get("RAY_ADDRESS"):
-        kw["include_dashboard"] = False  # two cores: the dashboard's processes would compete with the trials
-    ray.init(**kw)
-    return True
 
 
 def _tracking_setup(spec: StudySpec, state: dict[str, Any], study_dir: Path) -> None:
@@ -494,35 +476,29 @@ def _finish_tracking(spec: StudySpec, state: dict[str, Any], study_dir: Path, tr
              f"{study_dir}` when the tracking database is reachable again to log them")
 
 
-def _drive(study_dir: Path, spec: StudySpec, state: dict[str, Any], address: str | None, echo: Echo) -> bool:
-    import ray
-
+def _drive(study_dir: Path, spec: StudySpec, state: dict[str, Any], echo: Echo) -> bool:
+    """Run the teacher stage and the trials on the Ray of the caller's session; True if every trial ended."""
     state["attempts"] = int(state.get("attempts", 0)) + 1
     state["status"] = "running"
     _tracking_setup(spec, state, study_dir)
-    started = _ray_init(address)
     finished = False
     trials: list[dict[str, Any]] = []
     try:
-        try:
-            state["teachers"] = train_teachers(spec, state, echo)
-            write_state(study_dir, state)
-            tuner = _tuner(spec, state, study_dir, echo)
-            tuner.fit()
-        except KeyboardInterrupt:
-            # Ctrl-C: Tune has saved the experiment (or the teacher stage was cut short); stop cleanly.
-            echo("interrupted (Ctrl-C)")
-        if tune_can_restore(experiment_path(state)):
-            trials = tune_trials(experiment_path(state))
-        done = [tr for tr in trials if tr["status"] in TERMINAL]
-        finished = bool(trials) and len(done) >= state["planned_trials"] and len(done) == len(trials)
-        _finish_tracking(spec, state, study_dir, trials, finished, echo)
-        state["status"] = "finished" if finished else "interrupted"
-        state["updated"] = _now()
+        state["teachers"] = train_teachers(spec, state, echo)
         write_state(study_dir, state)
-    finally:
-        if started:
-            ray.shutdown()
+        tuner = _tuner(spec, state, study_dir, echo)
+        tuner.fit()
+    except KeyboardInterrupt:
+        # Ctrl-C: Tune has saved the experiment (or the teacher stage was cut short); stop cleanly.
+        echo("interrupted (Ctrl-C)")
+    if tune_can_restore(experiment_path(state)):
+        trials = tune_trials(experiment_path(state))
+    done = [tr for tr in trials if tr["status"] in TERMINAL]
+    finished = bool(trials) and len(done) >= state["planned_trials"] and len(done) == len(trials)
+    _finish_tracking(spec, state, study_dir, trials, finished, echo)
+    state["status"] = "finished" if finished else "interrupted"
+    state["updated"] = _now()
+    write_state(study_dir, state)
     if finished:
         errors = sum(tr["status"] == "ERROR" for tr in trials)
         echo(f"study {spec.name}: {len(done)} trials finished ({errors} failed); folder {study_dir}")
