@@ -56,6 +56,10 @@ def _files(tmp: Path) -> None:
     study("bad_pattern", attack={"pattern_file": str(tmp / "garbage.png")})
     study("bad_fault", faults=[{"seed": 0}])
     study("eval_gt_steps", budget={"steps": 4, "eval_every": 8})
+    study("shuffle_too_deep", defenses=["none", "sv"], defense_params={"sv": {"n_shuf_layer": 99}})
+    study("search_too_deep", mode="search", search={"defense": "abd", "num_samples": 2,
+                                                    "space": {"n_shuf_layer": {"choices": ["auto", -7]}}})
+    (tmp / "latin1.yaml").write_bytes((tmp / "good.yaml").read_bytes() + "description: caf\xe9\n".encode("latin-1"))
     (tmp / "tag.yaml").write_text((tmp / "good.yaml").read_text() + "x: !!python/object/apply:os.system [echo]\n")
     (tmp / "broken.yaml").write_text("name: [unclosed\n")
     (tmp / "list.yaml").write_text("- a\n- b\n")
@@ -88,6 +92,7 @@ CASES = [
     ("distill --set attack.colour=1", "unknown key 'attack.colour'; allowed attack keys:"),
     ("distill --set novalue", "--set 'novalue' is not key=value"),
     ("distill --defense sv --set defense.bogus=1", "unknown hyperparameter(s) ['bogus']"),
+    ("distill --defense sv --set defense.n_shuf_layer=99", "defense.n_shuf_layer=99 does not fit a teacher with 3"),
     ("distill --defense abd --set defense.fixed_mode=ignore", "fixed_mode='ignore' is not allowed; allowed: drop"),
     ("distill --teacher-file {tmp}/evil.pt", "would run code when loaded"),
     ("distill --teacher-file {tmp}/misfit.pt", "does not fit architecture"),
@@ -97,6 +102,7 @@ CASES = [
     # abd-ray study: files, names, services
     ("study {tmp}/nowhere.yaml", "does not exist; e.g. studies/quickstart.yaml"),
     ("study {tmp}/broken.yaml", "not valid YAML"),
+    ("study {tmp}/latin1.yaml", "latin1.yaml is not UTF-8 text (byte 0xe9 on line"),
     ("study {tmp}/tag.yaml", "tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed"),
     ("study {tmp}/list.yaml", "must be a YAML mapping"),
     ("study {tmp}/unknown_key.yaml", "budgt: unknown key (did you mean 'budget'?)"),
@@ -113,6 +119,8 @@ CASES = [
     ("study {tmp}/bad_pattern.yaml", "pattern file"),
     ("study {tmp}/bad_fault.yaml", "faults[0]: names no fault"),
     ("study {tmp}/eval_gt_steps.yaml", "the run would never be evaluated"),
+    ("study {tmp}/shuffle_too_deep.yaml", "defense.n_shuf_layer=99 does not fit a teacher with 3 convolutions"),
+    ("study {tmp}/search_too_deep.yaml", "defense.n_shuf_layer=-7 does not fit a teacher with 3 convolutions"),
     ("study {tmp}/good.yaml --address 127.0.0.1:1", "no Ray cluster answers at 127.0.0.1:1 (Connection refused)"),
     ("study {tmp}/good.yaml --address head", "--address 'head' is not host:port"),
     # abd-ray resume / report

@@ -34,6 +34,10 @@ class ABD(Defense):
         self.sr = SelfRetrospection(**{k: v for k, v in params.items() if k in SelfRetrospection.defaults})
         self.params = {**self.sv.params, **self.sr.params}
 
+    def check_teacher(self, teacher: nn.Module) -> None:
+        self.sv.check_teacher(teacher)
+        self.sr.check_teacher(teacher)
+
     def bind(
         self,
         teacher: nn.Module,

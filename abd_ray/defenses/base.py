@@ -3,6 +3,8 @@
 The KD loop (``abd_ray.engine.distill``) calls these hooks and nothing else, so a defense plugs into every
 synthesizer:
 
+- ``check_teacher``: before any compute, with the teacher's architecture (untrained), to refuse settings that do
+  not fit it;
 - ``bind``: once, with the teacher, the student and the run's shape, before the first step; the keyword
   ``fixed_data`` says whether the student's inputs are fixed or banked (ood, clean, deepinversion's and cmi's
   banks: True) or fresh generator outputs (zskt, dfad, dafl: False, the default), which selects how the Shuffling
@@ -47,6 +49,12 @@ class Defense:
 
     def validate(self) -> None:
         """Check ``self.params``; raise ValueError naming the key and the allowed range."""
+
+    def check_teacher(self, teacher: nn.Module) -> None:
+        """Raise ValueError when the hyperparameters cannot act on this teacher's architecture.
+
+        Called before any compute with an untrained model (on the meta device: only its structure is there).
+        """
 
     def bind(
         self,

@@ -408,6 +408,9 @@ class ShufflingVaccine(Defense):
 
     # -- hooks ----------------------------------------------------------------------------------------------------
 
+    def check_teacher(self, teacher: nn.Module) -> None:
+        resolve_shuffled_layers(teacher, self.params["n_shuf_layer"])
+
     def bind(
         self,
         teacher: nn.Module,

@@ -99,7 +99,8 @@ def check_config(cfg: RunConfig) -> tuple[RunConfig, type[Synthesizer], dict[str
     if not isinstance(cfg.synth, dict) or not isinstance(cfg.defense_params, dict):
         raise ValueError("synth and defense_params must be dicts of hyperparameters")
     params = cls.resolve_params(dict(cfg.synth), cfg.dataset)
-    build_defense(cfg.defense, cfg.defense_params)  # raises for unknown names / keys / ranges
+    # Unknown names / keys / ranges raise here; so do settings the teacher's architecture cannot take.
+    build_defense(cfg.defense, cfg.defense_params).check_teacher(blank_model(cfg.teacher_arch, cfg.dataset))
     if cfg.teacher_file is not None:
         if not Path(cfg.teacher_file).exists():
             raise ValueError(
@@ -113,6 +114,15 @@ def check_config(cfg: RunConfig) -> tuple[RunConfig, type[Synthesizer], dict[str
         )
     resolve_device(cfg.device)
     return cfg, cls, params
+
+
+def blank_model(arch: str, dataset: str) -> nn.Module:
+    """A classifier of ``arch`` for ``dataset`` on the meta device: its structure, with no storage and no compute."""
+    from abd_ray.data import dataset_info
+
+    info = dataset_info(dataset)
+    with torch.device("meta"):
+        return build_model(arch, num_classes=info.num_classes, shape=info.shape, mean=(0.0,), std=(1.0,))
 
 
 def load_student(student: nn.Module, path: str | os.PathLike) -> nn.Module:

@@ -164,6 +164,7 @@ def launch(
     if spec.teacher_file:
         # A teacher from elsewhere is checked before anything is created: weights-only, fitting its arch.
         _check_teacher_file(spec)
+    check_trials(spec)
     # Ray before the folder: a cluster that cannot be joined leaves nothing behind to clean up.
     with ray_session(address, echo):
         study_dir.mkdir(parents=True, exist_ok=True)
@@ -252,6 +253,30 @@ def _check_teacher_file(spec: StudySpec) -> dict[str, Any]:
 
     tspec = TeacherSpec.from_dict(spec.teacher_spec_dict(spec.attacks[0]))
     return load_external(spec.teacher_file, tspec).meta
+
+
+def check_trials(spec: StudySpec) -> None:
+    """Build the run config of every fixed trial, and of each search cell at every end of its space, as a trial
+    would, so a setting that cannot run (e.g. more shuffled layers than the teacher has) fails before any compute."""
+    from abd_ray.config import RunConfig
+    from abd_ray.engine.distill import check_config
+    from abd_ray.study.trainable import split_config
+
+    flats = spec.grid_configs()
+    if spec.search is not None:
+        for attack, synth in spec.search_cells():
+            base = spec.base_config(attack, synth, spec.search.defense, spec.seeds[0], "search")
+            base.update({f"defense.{k}": v for k, v in spec.search.fixed.items()})
+            flats.append(base)
+            for p in spec.search.space:
+                ends = p.choices if p.choices is not None else (p.low, p.high)
+                flats += [{**base, f"defense.{p.name}": int(v) if p.is_int else v} for v in ends]
+    for flat in flats:
+        try:
+            check_config(RunConfig.from_flat(split_config(flat)[0]))
+        except ValueError as e:
+            where = "search" if flat.get("study.kind") == "search" else "defenses"
+            raise ValueError(f"study {spec.name}: {where}: {flat['study.cell']}/{flat['defense']}: {e}") from None
 
 
 def _teacher_task(spec_dict: dict[str, Any], cache_dir: str, data_root: str | None) -> dict[str, Any]:

@@ -297,7 +297,13 @@ def load_spec(path: str | os.PathLike, base_dir: str | os.PathLike | None = None
     p = Path(path)
     if not p.is_file():
         raise StudySpecError(f"study file {str(p)!r} does not exist; e.g. studies/quickstart.yaml")
-    text = p.read_text()
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise StudySpecError(f"study file {p} is not UTF-8 text (byte {data[e.start]:#04x} on line {line}); save it as "
+                             "UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.constructor.ConstructorError as e:
