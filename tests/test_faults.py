@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import sqlite3
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -133,6 +135,77 @@ def test_kills_sigint_and_damaged_files_then_resume(tmp_path, cache):
     assert all(s == [4 * i for i in range(1, 11)] for s in a["steps"].values()), a["steps"]
     st = json.loads((study_dir / "study.json").read_text())
     assert st["attempts"] == 5 and st["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_three_kills_at_seeded_moments_and_an_edited_study_file(tmp_path):
+    """Eight trials; SIGKILL in the teacher stage, mid-trial and between trials, at moments drawn from a seeded
+    generator; a resume after each. Editing the study file is stated (the copy taken at launch runs); editing that
+    copy is refused. At the end every planned trial is one COMPLETE Optuna trial and one FINISHED MLflow run."""
+    rng = random.Random(18)
+    f = write_study(tmp_path, name="kills", seeds=list(range(8)), max_concurrent=2, max_failures=2,
+                    budget={"steps": 12, "eval_every": 4, "batch_size": 32}, **TINY)
+    cache = tmp_path / "cache"
+    study_dir = tmp_path / "runs" / "kills"
+    logs = [tmp_path / f"driver{i}.log" for i in range(5)]
+
+    def finished() -> int:
+        return sum(any(x.get("final") for x in results(d)) for d in trial_dirs(study_dir))
+
+    # 1. In the teacher stage, a seeded fraction of a second after it began.
+    delay, seen = rng.uniform(0.0, 0.5), []
+
+    def in_teacher_stage() -> bool:
+        if not seen and "teacher stage" in logs[0].read_text():
+            seen.append(time.time())
+        return bool(seen) and time.time() - seen[0] >= delay
+
+    p = start_driver(["study", str(f), "--storage", str(tmp_path / "runs"), "--tracking-uri",
+                      f"sqlite:///{tmp_path}/mlflow.db", "--cache", str(cache)], logs[0], tmp_path)
+    kill_when(p, in_teacher_stage, logs[0])
+    wait(p)
+    assert not trial_dirs(study_dir), "killed in the teacher stage"
+
+    # 2. Mid-trial: once `done` trials have finished and a running one has reported `evals` evaluations.
+    done, evals = rng.randint(0, 3), rng.randint(1, 2)
+
+    def mid_trial() -> bool:
+        return finished() >= done and any(rs and not rs[-1].get("final") and len(rs) >= evals
+                                          for rs in map(results, trial_dirs(study_dir)))
+
+    p = start_driver(["resume", str(study_dir)], logs[1], tmp_path)
+    kill_when(p, mid_trial, logs[1])
+    wait(p)
+    at_kill2 = finished()
+    assert at_kill2 < 8
+
+    # The study file edited by hand: the resume says so and runs the copy taken at launch (12 steps, not 48).
+    original = f.read_text()
+    f.write_text(original.replace("steps: 12", "steps: 48"))
+
+    # 3. Between trials: the moment the `target`-th trial's final result lands.
+    target = rng.randint(at_kill2 + 1, 7)
+    p = start_driver(["resume", str(study_dir)], logs[2], tmp_path)
+    kill_when(p, lambda: finished() >= target, logs[2])
+    wait(p)
+    assert "changed since the study began (budget.steps: 12 -> 48)" in logs[2].read_text()
+    assert "resuming with the copy taken at launch" in logs[2].read_text()
+
+    # The folder's own copy edited: refused (exit 2, one line), nothing started; restored, the study goes on.
+    copy = study_dir / "study.yaml"
+    launched = copy.read_text()
+    copy.write_text(launched.replace("max_failures: 2", "max_failures: 5"))
+    r = subprocess.run(cli("resume", str(study_dir)), capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "was edited since the study began (max_failures: 2 -> 5)" in r.stderr, r.stderr
+    copy.write_text(launched)
+
+    p = start_driver(["resume", str(study_dir)], logs[3], tmp_path)
+    assert wait(p, 420) == 0, logs[3].read_text()[-3000:]
+    a = check_agreement(study_dir, planned=8, steps=12)
+    assert all(s == [4, 8, 12] for s in a["steps"].values()), a["steps"]
+    st = json.loads((study_dir / "study.json").read_text())
+    assert st["attempts"] == 4 and st["status"] == "finished"
+    assert len(_teacher_dirs(cache)) == 1
 
 
 @pytest.mark.slow

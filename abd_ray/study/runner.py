@@ -95,6 +95,50 @@ def lock(study_dir: str | Path) -> FileLock:
     return lk
 
 
+def spec_changes(old_text: str, new_text: str) -> list[str]:
+    """``key: old -> new`` for each dotted key whose value differs between two study files."""
+    import yaml
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix or "(file)": d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        return out
+
+    try:
+        old, new = flat(yaml.safe_load(old_text)), flat(yaml.safe_load(new_text))
+    except yaml.YAMLError:
+        return ["(the edited file is not valid YAML)"]
+    absent = "(absent)"
+    return [f"{k}: {old.get(k, absent)} -> {new.get(k, absent)}" for k in sorted(set(old) | set(new))
+            if old.get(k, absent) != new.get(k, absent)]
+
+
+def check_spec_unchanged(study_dir: Path, state: dict[str, Any], echo: Echo) -> None:
+    """One study, one spec: a resume runs the study file as it was at launch.
+
+    Raises:
+        ValueError: the folder's copy (``study.yaml``) was edited since launch; resuming would mix two specs.
+    """
+    copy = study_dir / SPEC_COPY
+    launched = state.get("spec_source")
+    if launched is None:  # a folder written before the launch-time source was recorded
+        return
+    saved = copy.read_text(errors="replace") if copy.exists() else ""
+    if saved != launched:
+        changes = "; ".join(spec_changes(launched, saved)[:6]) or "whitespace or comments only"
+        raise ValueError(f"{copy} was edited since the study began ({changes}); a study runs one spec: restore it "
+                         f"(the original is in {study_dir / STATE}, key spec_source), or run the edited file as a "
+                         "new study with `abd-ray study FILE --name NEW`")
+    original = Path(state.get("spec_file") or "")
+    if original.is_file() and original.read_bytes() != launched.encode():
+        changes = "; ".join(spec_changes(launched, original.read_text(errors="replace"))[:6]) or "comments only"
+        echo(f"note: {original} changed since the study began ({changes}); resuming with the copy taken at launch, "
+             f"{copy}; to run the edited file, start a new study: abd-ray study {original} --name NEW")
+
+
 def _spec_from_state(study_dir: Path, state: dict[str, Any]) -> StudySpec:
     # Relative paths in the study file are relative to the folder the study was launched from.
     spec = load_spec(study_dir / SPEC_COPY, base_dir=state.get("cwd"))
@@ -181,6 +225,7 @@ def launch(
                 "status": "created",
                 "smoke": smoke,
                 "spec_file": str(Path(spec_path).resolve()),
+                "spec_source": spec.source,
                 "cwd": os.getcwd(),
                 "storage": tune_storage,
                 "tracking_uri": uri,
@@ -208,6 +253,7 @@ def resume(
 
     study_dir = Path(study_dir).expanduser().resolve()
     state = read_state(study_dir)
+    check_spec_unchanged(study_dir, state, echo)
     with ray_session(address, echo):
         lk = lock(study_dir)
         try:
