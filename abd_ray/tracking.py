@@ -82,7 +82,16 @@ class Tracker:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if db and db != ":memory:":
+            # The client opens the store, which creates and migrates a new database: two drivers doing that at
+            # once (two studies sharing one database) collide.
+            from filelock import FileLock
+
+            with FileLock(db + ".lock"):
+                self.client = MlflowClient(tracking_uri=uri)
+        else:
+            self.client = MlflowClient(tracking_uri=uri)
 
     # --- experiments and runs ---------------------------------------------------------------------------------------
 

@@ -209,6 +209,29 @@ def test_three_kills_at_seeded_moments_and_an_edited_study_file(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_studies_at_once_share_the_teacher_cache_and_the_tracking_database(tmp_path):
+    """Two drivers started together on one machine, one teacher cache, one MLflow database: the teacher both need
+    is trained once, both studies finish, and each one's Tune, Optuna and MLflow agree."""
+    cache, uri = tmp_path / "cache", f"sqlite:///{tmp_path}/mlflow.db"
+    budget = {"steps": 12, "eval_every": 4, "batch_size": 32}
+    first = write_study(tmp_path, name="first", attacks=["badnet_grid", "blend"], seeds=[0], budget=budget, **TINY)
+    second = write_study(tmp_path, name="second", attacks=["badnet_grid"], seeds=[0, 1], budget=budget, **TINY)
+    logs = {f.stem: tmp_path / f"{f.stem}.log" for f in (first, second)}
+    drivers = {f.stem: start_driver(["study", str(f), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri,
+                                     "--cache", str(cache)], logs[f.stem], tmp_path) for f in (first, second)}
+    for name, p in drivers.items():
+        assert wait(p, 480) == 0, logs[name].read_text()[-3000:]
+    text = "".join(log.read_text() for log in logs.values())
+    for attack in ("badnet_grid", "blend"):
+        lines = [x.split() for x in text.splitlines() if x.strip().startswith(attack + " ") and "clean_acc" in x]
+        assert [x[5] for x in lines].count("trained") == 1, lines  # trained by one driver, the other waited for it
+    assert len(_teacher_dirs(cache)) == 2
+    assert "Traceback" not in text and "database is locked" not in text.lower()
+    check_agreement(tmp_path / "runs" / "first", planned=2, steps=12)
+    check_agreement(tmp_path / "runs" / "second", planned=2, steps=12)
+
+
+@pytest.mark.slow
 def test_failing_trials_locked_mlflow_second_driver_and_secrets(tmp_path, cache):
     f = write_study(tmp_path, name="faulty", seeds=[0, 1, 2], max_concurrent=2, max_failures=1,
                     budget={"steps": 24, "eval_every": 4, "batch_size": 32},
