@@ -20,6 +20,11 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow retries a failed HTTP request for about four minutes by default. A study's failed writes are recorded and
+# replayed from Tune's records, so waiting that long on a server that is away would only stall the study's loop.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType  # noqa: E402

@@ -208,6 +208,78 @@ def test_three_kills_at_seeded_moments_and_an_edited_study_file(tmp_path):
     assert len(_teacher_dirs(cache)) == 1
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_mlflow_server(db: Path, artifacts: Path, port: int, log: Path) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1 (SQLite store, a local artifact root it serves), answering /health."""
+    import urllib.request
+
+    mlflow = str(Path(os.sys.executable).with_name("mlflow"))
+    p = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                          "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(artifacts)],
+                         stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return p
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGKILL)
+    raise AssertionError("mlflow server did not start:\n" + log.read_text()[-3000:])
+
+
+@pytest.mark.slow
+def test_tracking_server_killed_mid_study_and_restarted_60_s_later(tmp_path):
+    """A study tracked by a real ``mlflow server``: the server is SIGKILLed once the trials report, and started
+    again 60 s later. The trials run on through the outage; when the study ends each trial's run is FINISHED once,
+    with each step once and its artifacts, and Tune, Optuna and MLflow agree."""
+    port = _free_port()
+    db, artifacts, server_log = tmp_path / "server.db", tmp_path / "artifacts", tmp_path / "server.log"
+    # Two trials side by side, each 120 s or more (three evaluations, 40 s apart): the outage (60 s from their first
+    # evaluation) ends well before they do.
+    f = write_study(tmp_path, name="outage", seeds=[0, 1], max_concurrent=2,
+                    budget={"steps": 12, "eval_every": 4, "batch_size": 32}, faults=[{"pause_per_eval_s": 40}], **TINY)
+    study_dir, log = tmp_path / "runs" / "outage", tmp_path / "driver.log"
+    server = _start_mlflow_server(db, artifacts, port, server_log)
+    p = None
+    try:
+        p = start_driver(["study", str(f), "--storage", str(tmp_path / "runs"), "--tracking-uri",
+                          f"http://127.0.0.1:{port}", "--cache", str(tmp_path / "cache")], log, tmp_path)
+
+        def evaluations() -> int:
+            return sum(len(results(d)) for d in trial_dirs(study_dir))
+
+        kill_when(server, lambda: evaluations() >= 1, server_log, timeout=300)
+        server.wait()
+        down_at, during = time.time(), evaluations()
+        time.sleep(60)
+        assert p.poll() is None, "the study ended during the outage:\n" + log.read_text()[-3000:]
+        assert evaluations() > during, "the trials kept running while the tracking server was away"
+        server = _start_mlflow_server(db, artifacts, port, server_log)
+        assert time.time() - down_at >= 60
+        assert wait(p, 420) == 0, log.read_text()[-3000:]
+        assert not (study_dir / "tracking_errors.jsonl").exists(), "every write of the outage was replayed"
+        assert (study_dir / "tracking_errors.replayed.jsonl").exists(), "the outage was met"
+        a = check_agreement(study_dir, planned=2, steps=12)
+        assert all(s == [4, 8, 12] for s in a["steps"].values()), a["steps"]
+        for run in a["runs"]:
+            arts = set(a["tracker"].artifacts(run["run_id"]))
+            assert {"samples.png", "trigger.png", "student.safetensors", "final.json"} <= arts, arts
+    finally:
+        for proc in (p, server):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 @pytest.mark.slow
 def test_two_studies_at_once_share_the_teacher_cache_and_the_tracking_database(tmp_path):
     """Two drivers started together on one machine, one teacher cache, one MLflow database: the teacher both need

@@ -76,29 +76,32 @@ def ensure_child(t, exp_id: str, parent: str, trial_id: str, config: dict[str, A
     return rid, True
 
 
+# After a failed write the hooks leave MLflow alone this long, recording what they skip for the replay, so a server
+# that is away costs the study's loop one failed request, not one per result.
+OUTAGE_PAUSE_S = 15.0
+
+
 def _guarded(hook):
-    """Keep a tracking failure (database locked, server away) from ending the experiment.
+    """Keep a tracking failure (database locked, server away) from ending or stalling the experiment.
 
     The failure is logged as a warning and appended to the study folder's ``tracking_errors.jsonl`` (nothing is
-    lost silently); the end-of-study reconciliation then repairs the run statuses it can.
+    lost silently), and for :data:`OUTAGE_PAUSE_S` the hooks only append their records; the replay at the end of the
+    study (or on resume) then logs what is missing from Tune's records.
     """
 
     @functools.wraps(hook)
     def wrapper(self, iteration, trials, trial, *args, **info):
+        step = args[0].get("step") if args and isinstance(args[0], dict) else None
+        if time.monotonic() < self._paused_until:
+            self._record(hook.__name__, trial.trial_id, step, "skipped: MLflow failed a moment ago")
+            return None
         try:
             return hook(self, iteration, trials, trial, *args, **info)
         except Exception as e:  # noqa: BLE001
             log.warning("MLflow %s for trial %s failed: %s: %s", hook.__name__, trial.trial_id, type(e).__name__, e)
-            rec = {"time": time.time(), "hook": hook.__name__, "trial_id": trial.trial_id,
-                   "error": f"{type(e).__name__}: {e}"[:1000]}
-            if args and isinstance(args[0], dict):
-                rec["step"] = args[0].get("step")
-            try:
-                with open(Path(self.study_dir) / TRACKING_ERRORS, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            except OSError:
-                pass
+            self._record(hook.__name__, trial.trial_id, step, f"{type(e).__name__}: {e}"[:1000])
             self._tracker = None  # reconnect on the next call
+            self._paused_until = time.monotonic() + OUTAGE_PAUSE_S
             return None
 
     return wrapper
@@ -117,6 +120,7 @@ class MLflowTrialCallback(Callback):
 
     def _reset(self) -> None:
         self._tracker = None
+        self._paused_until = 0.0
         self._exp_id: str | None = None
         self._parent: str | None = None
         self._study_file: Path | None = None
@@ -132,6 +136,17 @@ class MLflowTrialCallback(Callback):
         self._reset()
 
     # --- helpers ----------------------------------------------------------------------------------------------------
+
+    def _record(self, hook: str, trial_id: str, step: int | None, error: str) -> None:
+        """Append a write that did not reach MLflow to ``tracking_errors.jsonl``, for the replay."""
+        rec = {"time": time.time(), "hook": hook, "trial_id": trial_id, "error": error}
+        if step is not None:
+            rec["step"] = step
+        try:
+            with open(Path(self.study_dir) / TRACKING_ERRORS, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError:
+            pass
 
     def _t(self):
         if self._tracker is None:

@@ -55,7 +55,7 @@ _TOP_KEYS = {
     "teacher_file": "distil every trial from this teacher (artifact folder, .safetensors or .pt state_dict) instead "
                     "of training one; loaded weights-only, checked against the teacher's arch before any compute",
     "faults": "fault injection for testing the study machinery: [{attack, synthesizer, defense, seed, "
-              "raise_at_step | nan_at_step}]",
+              "raise_at_step | nan_at_step | pause_per_eval_s}]",
     "device": "auto | cpu | cuda",
 }
 _ATTACK_KEYS = ("target", "poison_ratio", "seed", "pattern_file", "mask_file")
@@ -70,7 +70,7 @@ _SMOKE_KEYS = tuple(SMOKE_DEFAULTS)
 _EXCLUDE_KEYS = ("attack", "synthesizer", "defense")
 _RANGE_KEYS = ("low", "high", "log", "step", "type")
 _FAULT_MATCH = ("attack", "synthesizer", "defense", "seed")
-_FAULT_KINDS = ("raise_at_step", "nan_at_step")
+_FAULT_KINDS = ("raise_at_step", "nan_at_step", "pause_per_eval_s")
 
 
 def _hint(key: str, allowed: list[str] | tuple[str, ...]) -> str:
@@ -521,7 +521,7 @@ class _Validator:
         faults_raw = raw.get("faults") or []
         if not isinstance(faults_raw, list):
             raise self.fail("faults", "must be a list of {attack, synthesizer, defense, seed, raise_at_step | "
-                                      "nan_at_step} mappings")
+                                      "nan_at_step | pause_per_eval_s} mappings")
         for i, rule in enumerate(faults_raw):
             rule = self.mapping(rule, f"faults[{i}]", _FAULT_MATCH + _FAULT_KINDS)
             if not any(k in rule for k in _FAULT_KINDS):

@@ -19,7 +19,7 @@ Guards and fault injection (study layer only; the engine knows nothing of them):
   fail on purpose, to exercise the retry, failure and reporting paths on the real stack:
   ``fault.raise_at_step: N`` raises at the first evaluation at or after step N; ``fault.nan_at_step: N`` makes the
   teacher's logits NaN from the evaluation at step N on (a broken teacher), so the losses really go NaN and the
-  guard above fails the trial.
+  guard above fails the trial; ``fault.pause_per_eval_s: N`` sleeps N seconds after each evaluation (a slow trial).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import json
 import math
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,6 @@ PROGRESS_FILE = "progress.json"
 
 
 META_PREFIXES = ("study.", "fault.")
-FAULT_KEYS = ("raise_at_step", "nan_at_step")
 
 
 class InjectedFault(RuntimeError):
@@ -182,6 +182,7 @@ def train_trial(config: dict[str, Any]) -> None:
     cfg = RunConfig.from_flat(run_flat)
     raise_at = meta.get("fault.raise_at_step")
     nan_at = meta.get("fault.nan_at_step")
+    pause_s = int(meta.get("fault.pause_per_eval_s") or 0)
     node = _node_id()
 
     resume_state, final, final_dir = None, None, None
@@ -213,6 +214,7 @@ def train_trial(config: dict[str, Any]) -> None:
                         checkpoint=tune.Checkpoint.from_directory(d))
         if nan_at is not None and step >= int(nan_at):
             armed["on"] = True
+        time.sleep(pause_s)
 
     result = distill(cfg, teacher=teacher, report=report, resume_state=resume_state, progress=False)
     check_finite(result.metrics, int(cfg.resolved().steps))
