@@ -281,6 +281,61 @@ def test_tracking_server_killed_mid_study_and_restarted_60_s_later(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_full_disk_stops_the_study_and_resume_finishes_it(tmp_path):
+    """The study folder on a 48 MiB tmpfs, filled to the last byte once a trial has finished: the driver stops with
+    one line, the finished trials, optuna.db and study.json stay whole, and after the space is freed a resume
+    finishes the study."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {made.stderr.strip()}")
+    env = {"ABD_RAY_MIN_FREE_MB": "16"}
+    study_dir, logs = mnt / "full", [tmp_path / "driver0.log", tmp_path / "driver1.log"]
+    f = write_study(tmp_path, name="full", seeds=[0, 1, 2, 3], max_concurrent=2, max_failures=3,
+                    budget={"steps": 24, "eval_every": 4, "batch_size": 32}, **TINY)
+    try:
+        p = start_driver(["study", str(f), "--storage", str(mnt), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                          "--cache", str(tmp_path / "cache")], logs[0], tmp_path, env=env)
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and \
+                not any(rs and rs[-1].get("final") for rs in map(results, trial_dirs(study_dir))):
+            time.sleep(0.1)
+        filler = mnt / "filler"
+        with open(filler, "wb") as out:
+            try:
+                while True:
+                    out.write(b"\0" * 2**20)
+                    out.flush()
+            except OSError:
+                pass  # the file system is full
+        assert shutil.disk_usage(mnt).free < 2**20
+        assert wait(p, 300) == 1, logs[0].read_text()[-3000:]
+        last = logs[0].read_text().strip().splitlines()[-1]
+        assert last.startswith("abd-ray study: stopped: the file system of ") and "MiB free" in last, last
+        assert f"abd-ray resume {study_dir}" in last
+
+        # Nothing already finished is damaged: its records parse whole, its final checkpoint is there.
+        done = [d for d in trial_dirs(study_dir) if (rs := results(d)) and rs[-1].get("final")]
+        assert done
+        for d in done:
+            [json.loads(x) for x in (d / "result.json").read_text().splitlines()]
+            assert list(d.glob("checkpoint_*/final.json"))
+        with sqlite3.connect(study_dir / "optuna.db") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        # Written atomically: whole, and as the full disk allowed (the last status it could record).
+        assert json.loads((study_dir / "study.json").read_text())["status"] in ("running", "interrupted")
+
+        filler.unlink()
+        p = start_driver(["resume", str(study_dir)], logs[1], tmp_path, env=env)
+        assert wait(p, 420) == 0, logs[1].read_text()[-3000:]
+        a = check_agreement(study_dir, planned=4, steps=24)
+        assert all(s == [4 * i for i in range(1, 7)] for s in a["steps"].values()), a["steps"]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
 def test_two_studies_at_once_share_the_teacher_cache_and_the_tracking_database(tmp_path):
     """Two drivers started together on one machine, one teacher cache, one MLflow database: the teacher both need
     is trained once, both studies finish, and each one's Tune, Optuna and MLflow agree."""
@@ -433,3 +488,33 @@ def test_non_finite_losses_are_caught():
         check_finite({"loss_kd": float("nan")}, 8)
     with pytest.raises(FloatingPointError, match="loss_gen=inf"):
         check_finite({"loss_gen": float("inf")}, 8)
+
+
+def test_a_full_disk_is_recognised_through_wrapped_errors():
+    from abd_ray.study.diskspace import StorageFull, check_free_space, is_disk_full
+
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("trial failed") from inner
+    except RuntimeError as e:
+        assert is_disk_full(e)
+    assert is_disk_full(RuntimeError("(sqlite3.OperationalError) database or disk is full"))
+    assert not is_disk_full(RuntimeError("database is locked"))
+    with pytest.raises(StorageFull, match=r"has [0-9.]+ MiB free, under the 1e\+12 MiB .*; run it again"):
+        check_free_space([os.getcwd()], 1e12, "run it again")
+    check_free_space([os.getcwd()], 0, "never said")
+
+
+def test_min_free_space_comes_from_the_environment(monkeypatch):
+    from abd_ray.study.diskspace import DEFAULT_MIN_FREE_MB, min_free_mb
+
+    monkeypatch.delenv("ABD_RAY_MIN_FREE_MB", raising=False)
+    assert min_free_mb() == DEFAULT_MIN_FREE_MB
+    monkeypatch.setenv("ABD_RAY_MIN_FREE_MB", "12.5")
+    assert min_free_mb() == 12.5
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("ABD_RAY_MIN_FREE_MB", bad)
+        with pytest.raises(ValueError, match="ABD_RAY_MIN_FREE_MB"):
+            min_free_mb()

@@ -30,6 +30,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from abd_ray.study.diskspace import check_free_space, stopped_hint
 from abd_ray.study.trainable import ARTIFACTS, FINAL_FILE, split_config
 
 log = logging.getLogger(__name__)
@@ -336,3 +337,25 @@ def replay_tracking_errors(study_dir: str | Path, trials: list[dict[str, Any]]) 
             out.write(json.dumps({**r, "replayed": time.time()}) + "\n")
     errs.unlink()
     return {"replayed": len(records), "pending": 0, "steps": steps}
+
+
+# --- free space -----------------------------------------------------------------------------------------------------
+
+CHECK_EVERY_STEPS = 10  # Tune steps last about 0.1 s: a statvfs a second
+
+
+class FreeSpaceGuard(Callback):
+    """A Tune callback that stops the experiment (raising :class:`StorageFull`) before the disk is full.
+
+    Args:
+        paths: local folders the study writes (the study folder, a local Tune storage).
+        study_dir: the study folder, for the resume command in the message.
+        need_mb: the free space to keep, in MiB.
+    """
+
+    def __init__(self, paths: list[str], study_dir: str, need_mb: float) -> None:
+        self.paths, self.study_dir, self.need_mb = list(paths), str(study_dir), float(need_mb)
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if iteration % CHECK_EVERY_STEPS == 0:
+            check_free_space(self.paths, self.need_mb, stopped_hint(self.study_dir))

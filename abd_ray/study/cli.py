@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from abd_ray.cli import register_command
 
@@ -32,13 +33,23 @@ def _check_drop(value: float) -> None:
         raise ValueError(f"--max-acc-drop {value!r} must be a number >= 0 (percentage points), e.g. 5")
 
 
+def _stopped(command: str, error: Exception) -> int:
+    """A study stopped by its environment (a full disk): one line, and the exit status of an interruption."""
+    print(f"abd-ray {command}: stopped: {error}", file=sys.stderr)
+    return 1
+
+
 def cmd_study(args: argparse.Namespace) -> int:
+    from abd_ray.study.diskspace import StorageFull
     from abd_ray.study.report import write_report
     from abd_ray.study.runner import launch
 
     _check_drop(args.max_acc_drop)
-    study_dir, finished = launch(args.file, storage=args.storage, name=args.name, tracking_uri=args.tracking_uri,
-                                 address=args.address, smoke=args.smoke, cache_dir=args.cache)
+    try:
+        study_dir, finished = launch(args.file, storage=args.storage, name=args.name, tracking_uri=args.tracking_uri,
+                                     address=args.address, smoke=args.smoke, cache_dir=args.cache)
+    except StorageFull as e:
+        return _stopped("study", e)
     _, md = write_report(study_dir, args.max_acc_drop)
     print(md)
     print(f"report: {study_dir}/report/report.md")
@@ -54,11 +65,15 @@ def _add_resume(sub) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from abd_ray.study.diskspace import StorageFull
     from abd_ray.study.report import write_report
     from abd_ray.study.runner import resume
 
     _check_drop(args.max_acc_drop)
-    study_dir, finished = resume(args.dir, address=args.address, tracking_uri=args.tracking_uri)
+    try:
+        study_dir, finished = resume(args.dir, address=args.address, tracking_uri=args.tracking_uri)
+    except StorageFull as e:
+        return _stopped("resume", e)
     _, md = write_report(study_dir, args.max_acc_drop)
     print(md)
     print(f"report: {study_dir}/report/report.md")

@@ -24,6 +24,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from abd_ray.study.cluster import ray_session
+from abd_ray.study.diskspace import StorageFull, check_free_space, is_disk_full, min_free_mb, stopped_hint
 from abd_ray.study.spec import StudySpec, load_spec
 
 STATE = "study.json"
@@ -93,6 +94,19 @@ def lock(study_dir: str | Path) -> FileLock:
                          "to end or stop it, then run `abd-ray resume` on the folder") from None
     (Path(study_dir) / OWNER).write_text(str(os.getpid()))
     return lk
+
+
+def _check_room(paths: list[str]) -> None:
+    """Refuse to start on a file system that is (nearly) full, before anything is written."""
+    try:
+        check_free_space(paths, min_free_mb(), "free space (or lower the limit), then run the command again")
+    except StorageFull as e:
+        raise ValueError(str(e)) from None
+
+
+def _local_paths(study_dir: Path, tune_storage: str) -> list[str]:
+    """The local folders a study writes: its folder and, unless it is remote, the Tune storage."""
+    return [str(study_dir)] + ([] if _is_uri(tune_storage) else [tune_storage])
 
 
 def spec_changes(old_text: str, new_text: str) -> list[str]:
@@ -209,6 +223,7 @@ def launch(
         # A teacher from elsewhere is checked before anything is created: weights-only, fitting its arch.
         _check_teacher_file(spec)
     check_trials(spec)
+    _check_room(_local_paths(study_dir, tune_storage))
     # Ray before the folder: a cluster that cannot be joined leaves nothing behind to clean up.
     with ray_session(address, echo):
         study_dir.mkdir(parents=True, exist_ok=True)
@@ -254,6 +269,7 @@ def resume(
     study_dir = Path(study_dir).expanduser().resolve()
     state = read_state(study_dir)
     check_spec_unchanged(study_dir, state, echo)
+    _check_room(_local_paths(study_dir, state["storage"]))
     with ray_session(address, echo):
         lk = lock(study_dir)
         try:
@@ -407,7 +423,7 @@ def _trainable(spec: StudySpec):
 def _tuner(spec: StudySpec, state: dict[str, Any], study_dir: Path, echo: Echo):
     from ray import tune
 
-    from abd_ray.study.callbacks import MLflowTrialCallback
+    from abd_ray.study.callbacks import FreeSpaceGuard, MLflowTrialCallback
     from abd_ray.study.search import StudySearcher, cell_searchers, delete_studies
     from abd_ray.study.trainable import trial_dirname
 
@@ -437,7 +453,8 @@ def _tuner(spec: StudySpec, state: dict[str, Any], study_dir: Path, echo: Echo):
         run_config=tune.RunConfig(
             name=EXPERIMENT,
             storage_path=state["storage"],
-            callbacks=[MLflowTrialCallback(str(study_dir))],
+            callbacks=[MLflowTrialCallback(str(study_dir)),
+                       FreeSpaceGuard(_local_paths(study_dir, state["storage"]), str(study_dir), min_free_mb())],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=1,
@@ -562,6 +579,10 @@ def _drive(study_dir: Path, spec: StudySpec, state: dict[str, Any], echo: Echo) 
     except KeyboardInterrupt:
         # Ctrl-C: Tune has saved the experiment (or the teacher stage was cut short); stop cleanly.
         echo("interrupted (Ctrl-C)")
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        _stop_on_full_disk(study_dir, state, e)
     if tune_can_restore(experiment_path(state)):
         trials = tune_trials(experiment_path(state))
     done = [tr for tr in trials if tr["status"] in TERMINAL]
@@ -576,6 +597,19 @@ def _drive(study_dir: Path, spec: StudySpec, state: dict[str, Any], echo: Echo) 
     else:
         echo(f"study {spec.name} stopped before every trial ended; continue it with: abd-ray resume {study_dir}")
     return finished
+
+
+def _stop_on_full_disk(study_dir: Path, state: dict[str, Any], error: BaseException) -> None:
+    """Record the study as interrupted where the disk still allows it, and raise :class:`StorageFull`."""
+    state["status"] = "interrupted"
+    state["updated"] = _now()
+    try:
+        write_state(study_dir, state)
+    except OSError:
+        pass  # study.json is written atomically: the previous one stays whole
+    check_free_space(_local_paths(study_dir, state["storage"]), min_free_mb(), stopped_hint(str(study_dir)))
+    first = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+    raise StorageFull(f"a write of the study met a full disk ({first}); {stopped_hint(str(study_dir))}") from None
 
 
 def tune_can_restore(path: str) -> bool:
