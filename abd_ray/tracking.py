@@ -218,7 +218,8 @@ def ui_links(uri: str, experiment_id: str | None, run_id: str | None = None, por
     out = {**none, "command": command, "experiment_url": exp}
     if run_id:
         flt = quote(f"tags.`{PARENT_TAG}` = '{run_id}'", safe="")
-        out.update(trials_url=f"{exp}?searchFilter={flt}&orderByKey=attributes.run_name&orderByAsc=true",
+        by_name = quote("tags.`mlflow.runName`", safe="")  # the UI's own key of its "Run Name" sort
+        out.update(trials_url=f"{exp}?searchFilter={flt}&orderByKey={by_name}&orderByAsc=true",
                    run_url=f"{exp}/{run_id}")
     return out
 

@@ -108,7 +108,7 @@ def main() -> int:
         srv = mlflow_server(st["tracking_uri"], port, tmp / "mlflow.log", tmp)
         try:
             shot = tmp / "runs.png"
-            chromium(links["trials_url"], tmp / "profile", "--window-size=1400,560", f"--screenshot={shot}")
+            chromium(links["trials_url"], tmp / "profile", "--window-size=1500,480", f"--screenshot={shot}")
         finally:
             stop(srv)
         out = Path(args.out)

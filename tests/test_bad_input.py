@@ -113,10 +113,12 @@ CASES = [
     ("study {tmp}/bad_pattern.yaml", "pattern file"),
     ("study {tmp}/bad_fault.yaml", "faults[0]: names no fault"),
     ("study {tmp}/eval_gt_steps.yaml", "the run would never be evaluated"),
-    # abd-ray resume / report
+    # abd-ray resume / report / status / dashboard
     ("resume {tmp}/nowhere", "holds no abd-ray study (study.json is missing)"),
     ("report {tmp}/nowhere", "holds no abd-ray study (study.json is missing)"),
     ("report .", "holds no abd-ray study (study.json is missing)"),
+    ("status {tmp}/nowhere", "holds no abd-ray study (study.json is missing)"),
+    ("dashboard {tmp}/nowhere", "holds no abd-ray study (study.json is missing)"),
     ("list --bogus", "unrecognized arguments: --bogus"),
 ]
 # Run through the installed command in a subprocess too (exit status and stderr as a shell sees them).

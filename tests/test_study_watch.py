@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -132,12 +133,27 @@ def test_status_while_a_driver_holds_the_lock(study, tmp_path):
     shutil.copytree(study["dir"], d, ignore=shutil.ignore_patterns(".lock*"))
     state = json.loads((d / "study.json").read_text())
     (d / "study.json").write_text(json.dumps({**state, "status": "running"}))
+    # One trial still running as Tune last saw it, and not ended in Optuna (its record there removed).
+    snap = sorted((d / "tune").glob("experiment_state-*.json"))[-1]
+    exp = json.loads(snap.read_text())
+    trial = json.loads(exp["trial_data"][0][0])
+    exp["trial_data"][0][0] = json.dumps({**trial, "status": "RUNNING"})
+    snap.write_text(json.dumps(exp))
+    db = sqlite3.connect(d / "optuna.db")
+    with db:
+        db.execute("DELETE FROM trials WHERE trial_id IN (SELECT trial_id FROM trial_user_attributes "
+                   "WHERE key = 'tune_trial_id' AND value_json = ?)", (json.dumps(trial["trial_id"]),))
+    db.close()
     lk = lock(d)
     try:
         p = _status(str(d), "--json", "--no-mlflow")
         assert p.returncode == 0, p.stderr
         st = json.loads(p.stdout)
         assert st["driver_pid"] == os.getpid() and st["resume"] is None and "mlflow" not in st
+        assert st["counts"] == {"planned": 3, "finished": 2, "failed": 0, "running": 1, "interrupted": 0,
+                                "pending": 0}
+        running = [t for t in st["trials"] if t["status"] == "RUNNING"]
+        assert [t["trial_id"] for t in running] == [trial["trial_id"]] and running[0]["step"] == 12
         # status only looked: the driver still holds its lock.
         with pytest.raises(Timeout):
             FileLock(str(d / ".lock")).acquire(timeout=0)
@@ -145,6 +161,7 @@ def test_status_while_a_driver_holds_the_lock(study, tmp_path):
         lk.release()
     st = json.loads(_status(str(d), "--json", "--no-mlflow").stdout)
     assert st["driver_pid"] is None and st["resume"] == f"abd-ray resume {d}"
+    assert st["counts"]["running"] == 0 and st["counts"]["interrupted"] == 1  # its driver is gone
 
 
 def test_status_refuses_a_folder_without_a_study(tmp_path):

@@ -152,7 +152,10 @@ def study_status(study_dir: str | os.PathLike, max_acc_drop: float = 5.0, mlflow
         best[cell] = {"recommended": rec, "undefended_clean_acc": acc0, "front_size": len(front),
                       "hypervolume": hypervolume([(r["clean_acc"], r["asr"]) for r in front])}
 
-    out = {"study": state["name"], "study_dir": str(study_dir), "status": state.get("status"),
+    status = state.get("status")
+    if status == "running" and pid is None:
+        status = "interrupted"  # its driver died before it could say so
+    out = {"study": state["name"], "study_dir": str(study_dir), "status": status,
            "attempts": state.get("attempts"), "updated": state.get("updated"), "driver_pid": pid,
            "counts": counts, "trials": sorted(trials, key=lambda t: t["name"]), "best": best,
            "max_acc_drop": max_acc_drop,
@@ -198,7 +201,7 @@ def render_status(st: dict[str, Any]) -> str:
     c = st["counts"]
     driver = (f"a driver is running it (pid {st['driver_pid']})" if st["driver_pid"] is not None
               else "no driver is running it")
-    lines = [f"study {st['study']} ({st['status']}; {driver}): {st['study_dir']}",
+    lines = [f"study {st['study']}: {st['status']}, {driver}; folder {st['study_dir']}",
              f"trials: planned {c['planned']}, finished {c['finished']}, failed {c['failed']}, running {c['running']}"
              + (f", interrupted {c['interrupted']}" if c["interrupted"] else "") + f", pending {c['pending']}"]
     for t in st["trials"]:
