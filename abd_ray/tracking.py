@@ -18,6 +18,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow retries a failed HTTP request for about four minutes by default. A study's failed writes are recorded and
@@ -208,6 +209,33 @@ class Tracker:
             else:
                 out.append(f.path)
         return out
+
+
+def ui_links(uri: str, experiment_id: str | None, run_id: str | None = None, port: int = 5000) -> dict[str, Any]:
+    """How to open a study in the MLflow UI: the command that serves it (None where the tracking URI is already a
+    server), and the URLs of its experiment's runs view, of its trials (the parent run's children, flat and sorted
+    by name) and of its parent run.
+
+    Runs views, not the experiment's page: MLflow 3 opens an experiment on its GenAI overview (traces), which is
+    empty for a study. The runs view nests the trials, collapsed, under the parent run; sorting by anything but
+    the date lists them flat, which is what the trials URL does.
+    """
+    none = {"command": None, "experiment_url": None, "trials_url": None, "run_url": None}
+    if uri.startswith(("http://", "https://")):
+        base, command = redact(uri.rstrip("/")), None
+    elif uri.startswith("databricks") or not experiment_id:
+        return none
+    else:
+        base = f"http://127.0.0.1:{port}"
+        command = f"mlflow ui --backend-store-uri {redact(uri)} --port {port}"
+    exp = f"{base}/#/experiments/{experiment_id}/runs"
+    out = {**none, "command": command, "experiment_url": exp}
+    if run_id:
+        flt = quote(f"tags.`{PARENT_TAG}` = '{run_id}'", safe="")
+        by_name = quote("tags.`mlflow.runName`", safe="")  # the UI's own key of its "Run Name" sort
+        out.update(trials_url=f"{exp}?searchFilter={flt}&orderByKey={by_name}&orderByAsc=true",
+                   run_url=f"{exp}/{run_id}")
+    return out
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -20,18 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from abd_ray.study.report import hypervolume
+
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
-
-
-def hypervolume(points: list[tuple[float, float]]) -> float:
-    """Area dominated by ``(clean_acc, asr)`` points, clean_acc maximised and asr minimised, ref (0, 100)."""
-    pts = sorted(((a, 100.0 - s) for a, s in points if a == a and s == s and a > 0 and s < 100), reverse=True)
-    hv, best_y = 0.0, 0.0
-    for x, y in pts:  # x descending: each point adds the strip above the best y so far
-        if y > best_y:
-            hv += x * (y - best_y)
-            best_y = y
-    return hv
 
 
 def curve(rows: list[dict[str, Any]]) -> list[float]:

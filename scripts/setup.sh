@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv if missing and installs abd-ray (with its test extra) into it; re-installs when pyproject.toml
-# changes. Sourced by the two commands of the README.
+# Creates .venv if missing and installs abd-ray (with its test and dashboard extras) into it; re-installs when
+# pyproject.toml changes. Sourced by the two commands of the README.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -17,7 +17,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch/torchvision first, pinned to the releases this machine holds locally (a range that PyPI's CPU or CUDA
   # builds also satisfy elsewhere)
   .venv/bin/python -m pip install -q "torch>=2.9,<=2.14.1" "torchvision>=0.24,<=0.29.1"
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[test,dashboard]"
   echo "$want" > "$stamp"
 fi
 export RAY_USAGE_STATS_ENABLED=0

@@ -86,7 +86,8 @@ def cli(*args: str) -> list[str]:
 
 
 def trial_dirs(study_dir: Path) -> list[Path]:
-    return sorted((study_dir / "tune").glob("trial_*")) if (study_dir / "tune").exists() else []
+    """The trial folders of a study's Tune experiment (every folder in it: Tune's own files are files)."""
+    return sorted(d for d in (study_dir / "tune").iterdir() if d.is_dir()) if (study_dir / "tune").exists() else []
 
 
 def results(trial_dir: Path) -> list[dict]:

@@ -123,10 +123,12 @@ CASES = [
     ("study {tmp}/search_too_deep.yaml", "defense.n_shuf_layer=-7 does not fit a teacher with 3 convolutions"),
     ("study {tmp}/good.yaml --address 127.0.0.1:1", "no Ray cluster answers at 127.0.0.1:1 (Connection refused)"),
     ("study {tmp}/good.yaml --address head", "--address 'head' is not host:port"),
-    # abd-ray resume / report
+    # abd-ray resume / report / status / dashboard
     ("resume {tmp}/nowhere", "holds no abd-ray study (study.json is missing)"),
     ("report {tmp}/nowhere", "holds no abd-ray study (study.json is missing)"),
     ("report .", "holds no abd-ray study (study.json is missing)"),
+    ("status {tmp}/nowhere", "holds no abd-ray study (study.json is missing)"),
+    ("dashboard {tmp}/nowhere", "holds no abd-ray study (study.json is missing)"),
     ("list --bogus", "unrecognized arguments: --bogus"),
 ]
 # Run through the installed command in a subprocess too (exit status and stderr as a shell sees them).

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
+from ray.tune import Callback, CLIReporter
 
 from abd_ray.study.diskspace import check_free_space, stopped_hint
-from abd_ray.study.trainable import ARTIFACTS, FINAL_FILE, split_config
+from abd_ray.study.trainable import ARTIFACTS, FINAL_FILE, split_config, trial_label
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ def metrics_of(result: dict[str, Any]) -> dict[str, float]:
             if k not in TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def run_name(config: dict[str, Any], trial_id: str) -> str:
-    return f"{config.get('study.cell', '')}/{config.get('defense', '')}/s{config.get('seed', '')}/{trial_id}"
-
-
 def ensure_child(t, exp_id: str, parent: str, trial_id: str, config: dict[str, Any],
                  study_file: Path | None) -> tuple[str, bool]:
     """The child run of a trial: found by its tags, or created with its params; returns (run id, created)."""
@@ -70,7 +66,7 @@ def ensure_child(t, exp_id: str, parent: str, trial_id: str, config: dict[str, A
     if rid is not None:
         return rid, False
     _, meta = split_config(config)
-    rid = t.start_child(exp_id, parent, trial_id, run_name(config, trial_id), dict(config),
+    rid = t.start_child(exp_id, parent, trial_id, trial_label(config, trial_id), dict(config),
                         {"abd_ray.kind": meta.get("study.kind", ""), "abd_ray.cell": meta.get("study.cell", "")})
     if study_file is not None:
         t.log_artifact(rid, study_file)
@@ -337,6 +333,44 @@ def replay_tracking_errors(study_dir: str | Path, trials: list[dict[str, Any]]) 
             out.write(json.dumps({**r, "replayed": time.time()}) + "\n")
     errs.unlink()
     return {"replayed": len(records), "pending": 0, "steps": steps}
+
+
+# --- console --------------------------------------------------------------------------------------------------------
+
+
+class StudyReporter(CLIReporter):
+    """Tune's progress table for a study: trials named by what they are, with their cell, defense, searched
+    hyperparameters, clean_acc, asr and step.
+
+    A table is printed soon after a trial starts or ends, else every ``max_report_frequency`` seconds (Tune's own
+    reporter prints on a timer only). Tune's lines about its scheduler and its driver-side log folder are left out:
+    the study's results are in the study folder.
+    """
+
+    SETTLE_S = 2.0  # trials that start or end together get one table, not one each
+
+    def __init__(self, params: list[str], max_report_frequency: int = 30) -> None:
+        super().__init__(
+            metric_columns={"clean_acc": "clean_acc", "asr": "asr", "step": "step"},
+            parameter_columns={"study.cell": "cell", "defense": "defense", **{f"defense.{p}": p for p in params}},
+            max_report_frequency=max_report_frequency,
+            max_column_length=24,
+        )
+        self._statuses: tuple = ()
+        self._changed = False
+
+    def should_report(self, trials: list, done: bool = False) -> bool:
+        statuses = tuple((t.trial_id, t.status) for t in trials)
+        if statuses != self._statuses:
+            self._statuses, self._changed = statuses, True
+        if self._changed and time.time() - self._last_report_time >= self.SETTLE_S or done:
+            self._changed = False
+            self._last_report_time = time.time()
+            return True
+        return super().should_report(trials, done)
+
+    def _print(self, msg: str) -> None:
+        super()._print("\n".join(x for x in msg.splitlines() if not x.startswith(("Result logdir", "Using FIFO"))))
 
 
 # --- free space -----------------------------------------------------------------------------------------------------

@@ -4,9 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from typing import Any
 
 from abd_ray.cli import register_command
+
+VERBOSE_HELP = "Ray's own console output (its per-checkpoint lines and hints) instead of the study's table"
+
+
+def _verbosity(verbose: bool) -> None:
+    """``-v``: Ray's own console output, in the driver and (through the environment) in a local Ray's workers."""
+    from abd_ray.study.cluster import VERBOSE_ENV
+
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose else "0"
+
+
+def _print_end(rep: dict[str, Any], md: str) -> None:
+    """The report, then where it is and how to open the study in MLflow (the last lines a user sees)."""
+    from abd_ray.study.report import mlflow_lines
+
+    print(md)
+    print(f"report: {rep['files']['markdown']}")
+    for line in mlflow_lines(rep["mlflow"]):
+        print(line)
 
 
 def _add_study(sub) -> None:
@@ -23,6 +45,7 @@ def _add_study(sub) -> None:
     p.add_argument("--cache", default=None, help="teacher cache root (default: $ABD_RAY_CACHE or .abd_ray/cache)")
     p.add_argument("--smoke", action="store_true", help="tiny budgets: a quick check that the study runs")
     p.add_argument("--max-acc-drop", type=float, default=5.0, help="allowed clean_acc drop of the recommendation")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
 
 
 def _check_drop(value: float) -> None:
@@ -45,14 +68,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     from abd_ray.study.runner import launch
 
     _check_drop(args.max_acc_drop)
+    _verbosity(args.verbose)
     try:
         study_dir, finished = launch(args.file, storage=args.storage, name=args.name, tracking_uri=args.tracking_uri,
                                      address=args.address, smoke=args.smoke, cache_dir=args.cache)
     except StorageFull as e:
         return _stopped("study", e)
-    _, md = write_report(study_dir, args.max_acc_drop)
-    print(md)
-    print(f"report: {study_dir}/report/report.md")
+    _print_end(*write_report(study_dir, args.max_acc_drop))
     return 0 if finished else 1
 
 
@@ -62,6 +84,7 @@ def _add_resume(sub) -> None:
     p.add_argument("--address", default=None, help="join a running Ray cluster (host:port of its head, or auto)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI, if it moved since the study began")
     p.add_argument("--max-acc-drop", type=float, default=5.0, help="allowed clean_acc drop of the recommendation")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -70,13 +93,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from abd_ray.study.runner import resume
 
     _check_drop(args.max_acc_drop)
+    _verbosity(args.verbose)
     try:
         study_dir, finished = resume(args.dir, address=args.address, tracking_uri=args.tracking_uri)
     except StorageFull as e:
         return _stopped("resume", e)
-    _, md = write_report(study_dir, args.max_acc_drop)
-    print(md)
-    print(f"report: {study_dir}/report/report.md")
+    _print_end(*write_report(study_dir, args.max_acc_drop))
     return 0 if finished else 1
 
 
@@ -95,10 +117,62 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(jsonable(rep), sort_keys=True))
     else:
-        print(md)
+        _print_end(rep, md)
+    return 0
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="where a study stands (trials, best so far, driver, resume), without Ray")
+    p.add_argument("dir", help="a study folder")
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    p.add_argument("--max-acc-drop", type=float, default=5.0, help="allowed clean_acc drop of the best so far")
+    p.add_argument("--no-mlflow", action="store_true", help="do not read the tracking database")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from abd_ray.study.report import jsonable
+    from abd_ray.study.status import render_status, study_status
+
+    _check_drop(args.max_acc_drop)
+    st = study_status(args.dir, args.max_acc_drop, mlflow=not args.no_mlflow)
+    print(json.dumps(jsonable(st), sort_keys=True) if args.json else render_status(st))
+    return 0
+
+
+def _add_dashboard(sub) -> None:
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard on 127.0.0.1 against a study's optuna.db "
+                                         "(extra: pip install -e '.[dashboard]')")
+    p.add_argument("dir", help="a study folder")
+    p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080)")
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from abd_ray.study.runner import read_state
+    from abd_ray.study.search import optuna_storage_url
+
+    study_dir = Path(args.dir).expanduser().resolve()
+    read_state(study_dir)
+    if not (study_dir / "optuna.db").exists():
+        raise ValueError(f"{study_dir} has no optuna.db yet (its trials have not started); run the study first")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port} is not a port number; use 1-65535, e.g. 8080")
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise ValueError("optuna-dashboard is not installed; install the extra with pip install -e '.[dashboard]' "
+                         "(or pip install optuna-dashboard)") from None
+    print(f"optuna-dashboard for {study_dir.name} on http://127.0.0.1:{args.port}/ (Ctrl-C stops it)", flush=True)
+    try:
+        run_server(optuna_storage_url(str(study_dir)), host="127.0.0.1", port=args.port)
+    except OSError as e:
+        raise ValueError(f"cannot serve on 127.0.0.1:{args.port} ({e.strerror or e}); pick another --port") from None
     return 0
 
 
 register_command("study", _add_study, cmd_study)
 register_command("resume", _add_resume, cmd_resume)
 register_command("report", _add_report, cmd_report)
+register_command("status", _add_status, cmd_status)
+register_command("dashboard", _add_dashboard, cmd_dashboard)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 AUTH_MODE = "RAY_AUTH_MODE"
+VERBOSE_ENV = "ABD_RAY_VERBOSE"  # "1": Ray's own console output in the driver and a local Ray's workers (`-v`)
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
 # What Ray's GCS client logs when the cluster refuses the token it sent (or the lack of one).
 _REFUSED_MARKS = ("Authentication token is missing or incorrect", "UNAUTHENTICATED")

@@ -15,8 +15,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from abd_ray.metrics import der as der_of
-
 REPORT_DIR = "report"
 
 
@@ -37,6 +35,18 @@ def pareto_front(points: list[dict[str, Any]], acc: str = "clean_acc", asr: str 
         if not dominated:
             front.append(p)
     return sorted(front, key=lambda p: (p[asr], -p[acc]))
+
+
+def hypervolume(points: list[tuple[float, float]]) -> float:
+    """Area dominated by ``(clean_acc, asr)`` points, clean_acc maximised and asr minimised, reference point
+    (0, 100): both in percent, so the largest possible value is 10,000."""
+    pts = sorted(((a, 100.0 - s) for a, s in points if a == a and s == s and a > 0 and s < 100), reverse=True)
+    hv, best_y = 0.0, 0.0
+    for x, y in pts:  # x descending: each point adds the strip above the best y so far
+        if y > best_y:
+            hv += x * (y - best_y)
+            best_y = y
+    return hv
 
 
 def _finite(v: Any) -> bool:
@@ -118,6 +128,7 @@ def _undefended(rows: list[dict[str, Any]], cell: str, seed: Any = None) -> tupl
 
 def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, Any]:
     """Everything the report shows, as one JSON-able dict."""
+    from abd_ray.metrics import der as der_of  # torch: imported here, so that `abd-ray status` stays fast
     from abd_ray.study.runner import experiment_path, optuna_names, read_state, tune_trials
     from abd_ray.study.spec import load_spec
 
@@ -177,6 +188,8 @@ def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, 
                               "teacher_clean_acc": t_acc, "teacher_asr": t_asr})
 
     counts = _counts(spec, state, study_dir, rows, optuna_names(spec))
+    from abd_ray.tracking import ui_links
+
     return {
         "study": state["name"],
         "study_dir": str(study_dir),
@@ -188,7 +201,20 @@ def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, 
         "table": table,
         "der": ders,
         "recommended": recs,
+        "hypervolume": {cell: hypervolume([(r["clean_acc"], r["asr"]) for r in f]) for cell, f in fronts.items()},
+        "mlflow": ui_links(state["tracking_uri"], state.get("mlflow_experiment_id"), state.get("parent_run_id")),
     }
+
+
+def mlflow_lines(links: dict[str, Any]) -> list[str]:
+    """Where to look at a study in MLflow, as lines for the console and report.md."""
+    if not links.get("experiment_url"):
+        return []
+    lines = [f"open MLflow:  {links['command']}"] if links.get("command") else []
+    lines.append(f"runs view:    {links['experiment_url']}")
+    if links.get("run_url"):
+        lines += [f"its trials:   {links['trials_url']}", f"parent run:   {links['run_url']}"]
+    return lines
 
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
@@ -253,6 +279,8 @@ def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> 
              f"{', '.join(f'{k} {v}' for k, v in sorted(c['mlflow'].get('children', {}).items())) or '-'}"
              + (f"; {c['mlflow']['tracking_errors']} MLflow writes failed (see tracking_errors.jsonl)"
                 if c["mlflow"].get("tracking_errors") else "") + ".", ""]
+    if rep.get("mlflow", {}).get("experiment_url"):
+        lines += ["## MLflow", "", "```", *mlflow_lines(rep["mlflow"]), "```", ""]
     lines += ["## Paper-style table (grid trials, mean±std over seeds; Acc / ASR %)", "",
               "| attack | synthesizer | defense | n | teacher acc/asr | clean_acc | asr |",
               "|---|---|---|---|---|---|---|"]
@@ -367,7 +395,38 @@ def write_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> tuple[dict
     _write_csv(out / "der.csv", rep["der"])
     _write_csv(out / "recommended.csv", [{"cell": c, **r} for c, r in rep["recommended"].items() if r])
     (out / "report.json").write_text(json.dumps(jsonable(rep), indent=2, sort_keys=True))
+    _log_to_parent(rep, out)
     return rep, md
+
+
+def summary_metrics(rep: dict[str, Any]) -> dict[str, float]:
+    """The parent run's summary: per cell, the recommended config's clean_acc / asr and the front's hypervolume."""
+    out = {f"{cell}/hypervolume": hv for cell, hv in rep["hypervolume"].items()}
+    for cell, r in rep["recommended"].items():
+        if r is not None:
+            out.update({f"{cell}/recommended_clean_acc": r["clean_acc"], f"{cell}/recommended_asr": r["asr"]})
+    return {k: v for k, v in out.items() if _finite(v)}
+
+
+def _log_to_parent(rep: dict[str, Any], folder: Path) -> None:
+    """The report's files as artifacts of the study's parent run, and its summary metrics (step: the finished
+    trials, so a resumed study's summary grows a point per report). An unreachable database is only a warning:
+    the report is written in the study folder either way."""
+    import logging
+
+    from abd_ray.study.runner import read_state
+    from abd_ray.tracking import Tracker
+
+    state = read_state(rep["study_dir"])
+    if not state.get("parent_run_id"):
+        return
+    try:
+        t = Tracker(state["tracking_uri"])
+        t.log_artifacts(state["parent_run_id"], folder, REPORT_DIR)
+        t.log_metrics(state["parent_run_id"], summary_metrics(rep), sum(_finite(r["clean_acc"]) for r in rep["trials"]))
+    except Exception as e:  # noqa: BLE001 - the report is safe in the folder; MLflow is a copy
+        logging.getLogger(__name__).warning("could not log the report to MLflow run %s: %s: %s",
+                                            state["parent_run_id"], type(e).__name__, e)
 
 
 def jsonable(obj: Any) -> Any:

@@ -423,10 +423,14 @@ def _trainable(spec: StudySpec):
 def _tuner(spec: StudySpec, state: dict[str, Any], study_dir: Path, echo: Echo):
     from ray import tune
 
-    from abd_ray.study.callbacks import FreeSpaceGuard, MLflowTrialCallback
+    from abd_ray.study.callbacks import FreeSpaceGuard, MLflowTrialCallback, StudyReporter
+    from abd_ray.study.cluster import VERBOSE_ENV
     from abd_ray.study.search import StudySearcher, cell_searchers, delete_studies
-    from abd_ray.study.trainable import trial_dirname
+    from abd_ray.study.trainable import trial_dirname, trial_name
 
+    # Ray's default console output ignores a progress reporter and prints a TensorBoard hint that does not apply
+    # here: the study's own table unless `-v` asks for Ray's output (read by Tune when the experiment starts).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1" if os.environ.get(VERBOSE_ENV) == "1" else "0")
     trainable = _trainable(spec)
     path = experiment_path(state)
     if tune.Tuner.can_restore(path):
@@ -448,6 +452,7 @@ def _tuner(spec: StudySpec, state: dict[str, Any], study_dir: Path, echo: Echo):
             # A finished trial's worker process (torch and the engine imported, the dataset loaded) runs the next
             # trial of the same resources, instead of a fresh process per trial.
             reuse_actors=True,
+            trial_name_creator=trial_name,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -457,6 +462,7 @@ def _tuner(spec: StudySpec, state: dict[str, Any], study_dir: Path, echo: Echo):
                        FreeSpaceGuard(_local_paths(study_dir, state["storage"]), str(study_dir), min_free_mb())],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            progress_reporter=StudyReporter([p.name for p in spec.search.space] if spec.search else []),
             verbose=1,
         ),
     )

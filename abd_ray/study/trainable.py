@@ -25,7 +25,10 @@ Guards and fault injection (study layer only; the engine knows nothing of them):
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -35,6 +38,8 @@ from typing import Any
 
 import torch
 from ray import tune
+
+from abd_ray.study.cluster import VERBOSE_ENV
 
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.json"
@@ -178,6 +183,7 @@ def train_trial(config: dict[str, Any]) -> None:
     from abd_ray.engine.distill import distill, save_state
     from abd_ray.engine.teacher import load_external
 
+    quiet_ray_logs()
     run_flat, meta = split_config(config)
     cfg = RunConfig.from_flat(run_flat)
     raise_at = meta.get("fault.raise_at_step")
@@ -226,6 +232,25 @@ def train_trial(config: dict[str, Any]) -> None:
         tune.report({**final, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(d))
 
 
+def trial_label(config: dict[str, Any], trial_id: str) -> str:
+    """``<attack>/<synthesizer>/<defense>/s<seed>/<trial id>``: what a trial is, in Tune's table and in MLflow."""
+    parts = (config.get("attack.name"), config.get("synthesizer"), config.get("defense"), f"s{config.get('seed')}")
+    return "/".join([*(str(p) for p in parts), trial_id])
+
+
+def trial_name(trial) -> str:
+    """The trial's name in Tune's progress table (the same as its MLflow child run's)."""
+    return trial_label(trial.config, trial.trial_id)
+
+
 def trial_dirname(trial) -> str:
-    """A short trial folder name (Tune's default spells out the whole config and hits path-length limits)."""
-    return f"trial_{trial.trial_id}"
+    """The trial's folder: its label with ``-`` between the parts (a folder name cannot hold ``/``), e.g.
+    ``badnet_grid-zskt-abd-s0-40af3034``. Short, unlike Tune's default, which spells out the whole config."""
+    return "-".join(re.sub(r"[^A-Za-z0-9_.]", "_", p) for p in trial_name(trial).split("/"))
+
+
+def quiet_ray_logs() -> None:
+    """Keep Ray's per-checkpoint INFO lines ("Checkpoint successfully created at ...") out of the driver's console
+    unless the study runs with ``-v`` (``$ABD_RAY_VERBOSE``, which a local Ray's workers inherit)."""
+    if os.environ.get(VERBOSE_ENV, "0") != "1":
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
