@@ -31,7 +31,8 @@ from typing import Any
 from ray.tune import Callback, CLIReporter
 
 from abd_ray.study.diskspace import check_free_space, stopped_hint
-from abd_ray.study.trainable import ARTIFACTS, FINAL_FILE, split_config, trial_label
+from abd_ray.study.spec import split_config
+from abd_ray.study.trainable import ARTIFACTS, FINAL_FILE, trial_label
 
 log = logging.getLogger(__name__)
 

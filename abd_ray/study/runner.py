@@ -322,7 +322,7 @@ def check_trials(spec: StudySpec) -> None:
     would, so a setting that cannot run (e.g. more shuffled layers than the teacher has) fails before any compute."""
     from abd_ray.config import RunConfig
     from abd_ray.engine.distill import check_config
-    from abd_ray.study.trainable import split_config
+    from abd_ray.study.spec import split_config
 
     flats = spec.grid_configs()
     if spec.search is not None:

@@ -286,6 +286,16 @@ class StudySpec:
         return d
 
 
+META_PREFIXES = ("study.", "fault.")  # a trial's keys that are the study's, not the run config's
+
+
+def split_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a trial's flat dict into the run config keys and the study's own ``study.*`` / ``fault.*`` metadata."""
+    run = {k: v for k, v in config.items() if not k.startswith(META_PREFIXES)}
+    meta = {k: v for k, v in config.items() if k.startswith(META_PREFIXES)}
+    return run, meta
+
+
 def load_spec(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> StudySpec:
     """Read and validate a study file (YAML, safe loader only: a study file is data, never code).
 

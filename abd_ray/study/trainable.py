@@ -40,6 +40,7 @@ import torch
 from ray import tune
 
 from abd_ray.study.cluster import VERBOSE_ENV
+from abd_ray.study.spec import split_config
 
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.json"
@@ -47,18 +48,8 @@ ARTIFACTS = "artifacts"
 PROGRESS_FILE = "progress.json"
 
 
-META_PREFIXES = ("study.", "fault.")
-
-
 class InjectedFault(RuntimeError):
     """The failure a ``fault.raise_at_step`` key asks for."""
-
-
-def split_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a trial's flat dict into the run config keys and the study's own ``study.*`` / ``fault.*`` metadata."""
-    run = {k: v for k, v in config.items() if not k.startswith(META_PREFIXES)}
-    meta = {k: v for k, v in config.items() if k.startswith(META_PREFIXES)}
-    return run, meta
 
 
 def check_finite(metrics: dict[str, float], step: int) -> None:
