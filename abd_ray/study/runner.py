@@ -270,16 +270,16 @@ def resume(
     state = read_state(study_dir)
     check_spec_unchanged(study_dir, state, echo)
     _check_room(_local_paths(study_dir, state["storage"]))
-    with ray_session(address, echo):
-        lk = lock(study_dir)
-        try:
-            if tracking_uri is not None:
-                state["tracking_uri"] = resolve_tracking_uri(tracking_uri)
-            spec = _spec_from_state(study_dir, state)
+    lk = lock(study_dir)  # before Ray: a folder in use is refused at once
+    try:
+        if tracking_uri is not None:
+            state["tracking_uri"] = resolve_tracking_uri(tracking_uri)
+        spec = _spec_from_state(study_dir, state)
+        with ray_session(address, echo):
             echo(f"resuming study {spec.name} in {study_dir}")
             return study_dir, _drive(study_dir, spec, state, echo)
-        finally:
-            lk.release()
+    finally:
+        lk.release()
 
 
 # --- the drive ------------------------------------------------------------------------------------------------------
