@@ -5,6 +5,8 @@ All percentages are in [0, 100]; ``der`` is in [0, 1].
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -72,3 +74,19 @@ def evaluate(
         out["asr"] = asr(p, target)
         out["robust_acc"] = robust_acc(p, y_poison)
     return out
+
+
+def mean_std(values) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for a single value) and count of the finite ``values``."""
+    import statistics
+
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
+
+
+def format_mean_std(values, digits: int = 1) -> str:
+    """``mean +- std (n)`` of ``values`` (finite ones), e.g. ``93.1 +- 0.4 (5)``; ``n/a`` when there are none."""
+    m, s, n = mean_std(values)
+    return "n/a" if n == 0 else f"{m:.{digits}f} +- {s:.{digits}f} ({n})"
