@@ -86,7 +86,11 @@ def mean_std(values) -> tuple[float, float, int]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
 
 
+def format_ms(mean: float, std: float, n: int, digits: int = 1) -> str:
+    """``mean +- std (n)``, e.g. ``93.1 +- 0.4 (5)``; ``n/a`` when there is no value."""
+    return "n/a" if n == 0 or not math.isfinite(mean) else f"{mean:.{digits}f} +- {std:.{digits}f} ({n})"
+
+
 def format_mean_std(values, digits: int = 1) -> str:
-    """``mean +- std (n)`` of ``values`` (finite ones), e.g. ``93.1 +- 0.4 (5)``; ``n/a`` when there are none."""
-    m, s, n = mean_std(values)
-    return "n/a" if n == 0 else f"{m:.{digits}f} +- {s:.{digits}f} ({n})"
+    """:func:`format_ms` of the finite ``values``."""
+    return format_ms(*mean_std(values), digits=digits)
