@@ -3,9 +3,12 @@ operations, for teacher training and for distillation alike.
 
 The same spec must give the same weights whichever entry point runs it (``abd-ray teacher``, ``abd-ray distill``,
 a study's teacher task or trial under Ray, a benchmark). Torch's intra-op thread count changes how reductions are
-split, so it is decided here from the input shape, never from the machine or ``OMP_NUM_THREADS``; torch's
-deterministic algorithms are switched on (warn-only: an op without a deterministic kernel still runs), and on
-CUDA cuDNN is held to deterministic, non-benchmarked kernels.
+split, so it is decided here from the input shape, never from the machine or ``OMP_NUM_THREADS``. On CUDA, where
+kernels are picked at run time and atomics reorder sums, torch's deterministic algorithms are switched on
+(warn-only: an op without a deterministic kernel still runs) and cuDNN is held to deterministic, non-benchmarked
+kernels. On the CPU, torch's kernels at a fixed thread count already repeat bit for bit, and the deterministic
+mode would swap some of them for others (an accumulating ``index_put_`` sorts its indices first), changing the
+figures every earlier CPU run was made with, so it stays off there.
 """
 
 from __future__ import annotations
@@ -35,12 +38,13 @@ def cpu_threads(shape: tuple[int, ...]) -> int:
 
 
 def environment(device: torch.device, shape: tuple[int, ...]) -> dict[str, Any]:
-    """What a result trained under :func:`fixed_float_order` depends on beyond its spec."""
+    """What a result trained under :func:`fixed_float_order` depends on beyond its spec (``deterministic``:
+    whether torch's deterministic algorithms are on)."""
     return {
         "torch": torch.__version__,
         "device": device.type,
         "threads": cpu_threads(shape),
-        "deterministic": True,
+        "deterministic": device.type == "cuda",
     }
 
 
@@ -64,12 +68,12 @@ def fixed_float_order(device: torch.device, shape: tuple[int, ...]) -> Iterator[
         torch.backends.cudnn.deterministic,
         torch.backends.cudnn.benchmark,
     )
-    if device.type == "cuda":
+    torch.set_num_threads(env["threads"])
+    if env["deterministic"]:
         # cuBLAS reads this once, when its handle is made; a process that already used cuBLAS keeps its setting.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.set_num_threads(env["threads"])
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         yield env
     finally:
