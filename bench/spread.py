@@ -6,9 +6,11 @@
 zskt on digits, triggers badnet_grid / blend / trojan_3x3, undefended and with abd, at the default budget, one
 ``abd-ray distill --json`` process per run (the user's command, nothing else). One JSON record per finished run
 under bench/results/spread/ (its metrics, the commit, the teacher's weights hash and training environment);
-``--resume`` skips the runs already recorded, so the benchmark can be split across sessions. The run seed seeds the
-student, the synthesis and the defense; the teacher's seed is ``teacher_seed`` (0), so every seed of one trigger
-distils the same teacher. Writes the ``spread`` section of bench/RESULTS.md (mean +- std (n) per cell).
+``--resume`` skips the runs already recorded, so the benchmark can be split across sessions; several processes
+started with the same arguments share the work (a run is claimed by a ``.claim`` file holding the claimant's
+pid). The run seed seeds the student, the synthesis and the defense; the teacher's seed is ``teacher_seed`` (0),
+so every seed of one trigger distils the same teacher. Writes the ``spread`` section of bench/RESULTS.md (mean +-
+std (n) per cell).
 """
 
 from __future__ import annotations
@@ -110,6 +112,23 @@ def run_one(attack: str, defense: str, seed: int, cache: str, steps: int | None)
     }
 
 
+def claim(path: Path) -> bool:
+    """Claim the run recorded at ``path`` for this process; False when another live process holds it."""
+    c = path.with_suffix(".claim")
+    for _ in range(2):
+        try:
+            with open(c, "x") as f:
+                f.write(str(os.getpid()))
+            return True
+        except FileExistsError:
+            try:
+                os.kill(int(c.read_text() or 0), 0)
+                return False  # its claimant is alive
+            except (ProcessLookupError, ValueError):
+                c.unlink(missing_ok=True)  # a claim left by a process that died
+    return False
+
+
 def load_records(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("zskt_*.json"))]
 
@@ -186,10 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render:
         for attack, defense, seed in todo:
             path = record_path(out, attack, defense, seed)
-            if args.resume and path.exists():
+            if args.resume and path.exists() or not claim(path):
                 continue
-            rec = run_one(attack, defense, seed, args.cache, args.steps)
-            path.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+            try:
+                rec = run_one(attack, defense, seed, args.cache, args.steps)
+                path.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+            finally:
+                path.with_suffix(".claim").unlink(missing_ok=True)
             print(json.dumps(rec, sort_keys=True), flush=True)
     md = table(load_records(out), seeds)
     print(md)
