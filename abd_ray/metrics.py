@@ -87,8 +87,11 @@ def mean_std(values) -> tuple[float, float, int]:
 
 
 def format_ms(mean: float, std: float, n: int, digits: int = 1) -> str:
-    """``mean +- std (n)``, e.g. ``93.1 +- 0.4 (5)``; ``n/a`` when there is no value."""
-    return "n/a" if n == 0 or not math.isfinite(mean) else f"{mean:.{digits}f} +- {std:.{digits}f} ({n})"
+    """``mean +- std (n)``, e.g. ``93.1 +- 0.4 (5)``; ``93.1 (1)`` for one value (it has no spread); ``n/a`` when
+    there is none."""
+    if n == 0 or not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ({n})" if n == 1 else f"{mean:.{digits}f} +- {std:.{digits}f} ({n})"
 
 
 def format_mean_std(values, digits: int = 1) -> str:

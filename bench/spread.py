@@ -171,8 +171,8 @@ def table(records: list[dict], seeds: list[int]) -> str:
             "",
             f"Not run yet ({len(todo)} of {len(runs(seeds))}): "
             + ", ".join(f"{a}/{d}/seed{s}" for a, d, s in todo)
-            + f". Resume with `{Path(sys.executable).name} bench/spread.py --seeds {seeds[0]}-{seeds[-1]} "
-            "--resume`.",
+            + f". Resume with `OMP_NUM_THREADS=1 nohup python bench/spread.py --seeds {seeds[0]}-{seeds[-1]} "
+            "--resume > bench/results/spread.log 2>&1 &` (a second such process shares the runs).",
         ]
     return "\n".join(lines) + "\n"
 

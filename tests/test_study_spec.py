@@ -197,6 +197,7 @@ def test_pareto_front_and_recommendation():
     m, s, n = mean_std([1.0, 3.0, float("nan")])
     assert m == 2.0 and math.isclose(s, math.sqrt(2)) and n == 2
     assert format_mean_std([1.0, 3.0]) == "2.0 +- 1.4 (2)" and format_mean_std([float("nan")]) == "n/a"
+    assert format_mean_std([2.0]) == "2.0 (1)"  # one value has no spread
 
 
 def test_recommendation_rests_on_the_mean_over_seeds_and_says_how_many():
