@@ -6,9 +6,9 @@ a study's teacher task or trial under Ray, a benchmark). Torch's intra-op thread
 split, so it is decided here from the input shape, never from the machine or ``OMP_NUM_THREADS``. On CUDA, where
 kernels are picked at run time and atomics reorder sums, torch's deterministic algorithms are switched on
 (warn-only: an op without a deterministic kernel still runs) and cuDNN is held to deterministic, non-benchmarked
-kernels. On the CPU, torch's kernels at a fixed thread count already repeat bit for bit, and the deterministic
-mode would swap some of them for others (an accumulating ``index_put_`` sorts its indices first), changing the
-figures every earlier CPU run was made with, so it stays off there.
+kernels. On the CPU it stays off: torch's CPU kernels at a fixed thread count repeat run to run, and the mode
+swaps some of them for others (per torch's documentation, an accumulating ``index_put_``), which would risk moving
+the figures that earlier CPU runs were made with.
 """
 
 from __future__ import annotations
