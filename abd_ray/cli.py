@@ -130,6 +130,8 @@ def cmd_teacher(args) -> int:
         **teacher.metrics,
         "path": path,
         "cached": teacher.cached,
+        "environment": teacher.meta.get("environment"),
+        "trained_elsewhere": teacher.trained_elsewhere,
         "arch": spec.arch,
         "dataset": spec.dataset,
         "attack": spec.attack.name,
@@ -142,6 +144,8 @@ def cmd_teacher(args) -> int:
         print(f"teacher {spec.arch} on {spec.dataset} / {spec.attack.name}: {state} in {out['wall_s']} s")
         print(f"  clean_acc {out['clean_acc']:.2f}  asr {out['asr']:.2f}  robust_acc {out['robust_acc']:.2f}")
         print(f"  {out['path']}")
+        if teacher.trained_elsewhere:
+            print(f"  trained in another environment: {'; '.join(teacher.trained_elsewhere)}")
     return 0
 
 

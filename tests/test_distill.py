@@ -270,3 +270,32 @@ def test_student_file_starts_the_student_from_saved_weights_and_sr_runs_as_a_sec
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and match in err, err
+
+
+
+@pytest.mark.slow
+def test_distillation_in_process_and_in_a_ray_task_agree(cache):
+    """A trial's metrics do not depend on where it runs: in this process (torch at 2 threads beforehand) and in a
+    Ray worker (which Ray starts with OMP_NUM_THREADS=1), as a study's workers run it."""
+    import ray
+
+    def metrics_of(flat: dict) -> dict:
+        """The run's metrics without its timings (what may differ between two identical runs)."""
+        res = distill(RunConfig.from_flat(flat), progress=False)
+        return {k: v for k, v in res.metrics.items() if not k.endswith(("wall_s", "cpu_s", "time_s"))}
+
+    flat = {**cfg_for("zskt", steps=4, defense="abd").to_flat(), "cache_dir": str(cache)}
+    torch.set_num_threads(2)
+    try:
+        here = metrics_of(flat)
+    finally:
+        torch.set_num_threads(1)
+    ray.init(
+        address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR"
+    )
+    try:
+        there = ray.get(ray.remote(metrics_of).remote(flat), timeout=300)
+    finally:
+        ray.shutdown()
+    assert {"clean_acc", "asr", "loss_kd", "teacher_clean_acc"} <= set(here)
+    assert here == there

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from abd_ray.study.report import fmt_ms, mean_std, pareto_front, recommend
+from abd_ray.stats import format_mean_std, mean_std
+from abd_ray.study.report import by_config, pareto_front, recommend, render_markdown
 from abd_ray.study.spec import StudySpec, StudySpecError, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,9 +194,39 @@ def test_pareto_front_and_recommendation():
     assert recommend(pts, 90.0, 5.0)["id"] == "b"
     assert recommend(pts, 90.0, 15.0)["id"] == "c"
     assert recommend(pts, 90.0, 1.0) is None
-    m, s = mean_std([1.0, 3.0])
-    assert m == 2.0 and math.isclose(s, math.sqrt(2))
-    assert fmt_ms(m, s, 2) == "2.0±1.4" and fmt_ms(float("nan"), 0, 0) == "-"
+    m, s, n = mean_std([1.0, 3.0, float("nan")])
+    assert m == 2.0 and math.isclose(s, math.sqrt(2)) and n == 2
+    assert format_mean_std([1.0, 3.0]) == "2.0 +- 1.4 (2)" and format_mean_std([float("nan")]) == "n/a"
+    assert format_mean_std([2.0]) == "2.0 (1)"  # one value has no spread
+
+
+def test_recommendation_rests_on_the_mean_over_seeds_and_says_how_many():
+    def run(tid, defense, coef, seed, acc, asr):
+        return {"trial_id": tid, "kind": "grid", "cell": "c", "defense": defense, "seed": seed,
+                "params": {} if coef is None else {"coef": coef}, "clean_acc": acc, "asr": asr, "robust_acc": 50.0}
+
+    rows = [run("n0", "none", None, 0, 90.0, 99.0), run("n1", "none", None, 1, 92.0, 97.0),
+            # coef 1: one lucky seed at asr 1, but 30 on average; coef 2: 5 on average over three seeds
+            run("a0", "abd", 1, 0, 89.0, 1.0), run("a1", "abd", 1, 1, 89.0, 59.0),
+            run("b0", "abd", 2, 0, 88.0, 4.0), run("b1", "abd", 2, 1, 88.0, 5.0), run("b2", "abd", 2, 2, 88.0, 6.0)]
+    configs = by_config(rows)
+    assert sorted((c["defense"], c["n"]) for c in configs) == [("abd", 2), ("abd", 3), ("none", 2)]
+    rec = recommend(configs, 91.0, 5.0)
+    assert rec["params"] == {"coef": 2} and rec["n"] == 3 and rec["seeds"] == [0, 1, 2] and rec["asr"] == 5.0
+    assert rec["trial_ids"] == ["b0", "b1", "b2"] and rec["asr_std"] == 1.0
+    assert recommend(rows, 91.0, 5.0)["trial_id"] == "a0"  # per run, the lucky seed would win
+    rep = {"study": "s", "status": "FINISHED", "max_acc_drop": 5.0, "pareto": {}, "der": [], "trials": [],
+           "counts": {"planned": 7, "tune_total": 7, "tune": {}, "optuna_total": {}, "search_trials": 0,
+                      "mlflow": {}},
+           "table": [{"attack": "badnet_grid", "synthesizer": "zskt", "defense": "abd", "teacher_clean_acc": 98.0,
+                      "teacher_asr": 100.0, "clean_acc_text": format_mean_std([88.0] * 3),
+                      "asr_text": format_mean_std([4.0, 5.0, 6.0])}],
+           "recommended": {"c": {**rec, "undefended": {"clean_acc": "91.0 +- 1.4 (2)", "asr": "98.0 +- 1.4 (2)"}}}}
+    md = render_markdown(rep)
+    assert "| 88.0 +- 0.0 (3) | 5.0 +- 1.0 (3) |" in md and "| 3 (0, 1, 2) |" in md
+    assert "91.0 +- 1.4 (2) / 98.0 +- 1.4 (2)" in md and "one draw" not in md
+    rep["recommended"]["c"].update(n=1, seeds=[0])
+    assert "one draw" in render_markdown(rep)
 
 
 def test_study_searcher_order_failures_and_orphans(tmp_path):

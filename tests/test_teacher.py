@@ -125,3 +125,44 @@ def test_external_state_dict_loads_and_misfit_is_refused(tmp_path, digits_teache
         load_external(trunc)
     with pytest.raises(TeacherFileError, match="does not exist"):
         load_external(tmp_path / "none.pt")
+
+
+def test_teacher_command_and_distill_train_the_same_weights(tmp_path, capsys):
+    """One spec, one teacher: the `abd-ray teacher` command (torch's threads at 2 beforehand) and a distillation
+    that trains its own teacher in another fresh cache end with byte-identical weights and the same environment."""
+    from abd_ray.cli import main
+    from abd_ray.config import RunConfig
+    from abd_ray.engine.distill import distill
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["teacher", "--dataset", "digits", "--cache", str(tmp_path / "a"), "--json"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    out = json.loads(capsys.readouterr().out)
+    assert out["environment"]["threads"] == 1 and out["environment"]["device"] == "cpu"
+    assert not out["cached"] and out["trained_elsewhere"] == []
+    cfg = RunConfig(steps=1, eval_every=1, batch_size=16, device="cpu", cache_dir=str(tmp_path / "b"))
+    distill(cfg, progress=False)
+    spec = TeacherSpec.for_dataset("digits")
+    a, b = (json.loads((cache_folder(spec, tmp_path / c) / META).read_text()) for c in "ab")
+    assert a["weights_sha256"] == b["weights_sha256"]
+    assert a["environment"] == b["environment"]
+
+
+def test_cache_hit_trained_elsewhere_is_used_and_named(tmp_path):
+    spec = TeacherSpec.for_dataset("digits", **TINY)
+    first = get_teacher(spec, tmp_path, progress=False)
+    meta_path = cache_folder(spec, tmp_path) / META
+    meta = json.loads(meta_path.read_text())
+    meta["environment"] = {**meta["environment"], "threads": 7, "torch": "0.0.1"}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="trained in another environment: torch '0.0.1'.*threads 7"):
+        again = get_teacher(spec, tmp_path, progress=False)
+    assert again.cached and again.meta["weights_sha256"] == first.meta["weights_sha256"]  # not retrained
+    assert len(again.trained_elsewhere) == 2
+    del meta["environment"]  # an artifact from before environments were recorded
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="not recorded"):
+        assert get_teacher(spec, tmp_path, progress=False).cached

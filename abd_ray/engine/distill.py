@@ -10,7 +10,9 @@ student's optimiser, the defense calls and the evaluation, so every synthesizer 
 Determinism: every random draw after model initialisation comes from three ``torch.Generator`` objects seeded
 from the run seed (device draws, CPU draws, the defense's draws), whose states are part of the loop state. A run
 stopped at an evaluation and resumed from :func:`load_state` therefore ends where the uninterrupted run ends (on
-the CPU, to float tolerance).
+the CPU, to float tolerance). The float order itself (thread count, deterministic kernels) is fixed by
+:func:`abd_ray.engine.repro.fixed_float_order` from the spec, so the same config gives the same metrics from every
+entry point.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from abd_ray.attacks import make_trigger, poisoned_test_set
 from abd_ray.config import RunConfig
 from abd_ray.data import load_dataset
 from abd_ray.defenses import build_defense
+from abd_ray.engine.repro import fixed_float_order
 from abd_ray.engine.teacher import (
     Teacher,
     get_teacher,
@@ -207,18 +210,6 @@ def _bind(
     defense.bind(teacher, student, ctx.shape, ctx.num_classes, ctx.total_steps, generator=gen, **kw)
 
 
-def _cpu_threads(device: torch.device, shape: tuple[int, int, int]) -> int | None:
-    """Intra-op threads for this run, or None to keep torch's setting.
-
-    Convolutions on 8x8 inputs do not parallelise: on this project's two cores one thread ran a digits student
-    step as fast as two when the machine was idle (5 ms), and 25x faster when other processes were busy (OpenMP
-    workers spin-waiting for a core). So small inputs on the CPU run single-threaded.
-    """
-    if device.type == "cpu" and shape[0] * shape[1] * shape[2] <= 1024:
-        return 1
-    return None
-
-
 def distill(
     cfg: RunConfig,
     *,
@@ -241,14 +232,10 @@ def distill(
         The final metrics, the evaluation history, the student and the last synthesized samples.
     """
     cfg, _, _ = check_config(cfg)
-    threads = _cpu_threads(resolve_device(cfg.device), load_shape(cfg.dataset))
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    # The float order (threads, deterministic kernels) follows the spec, so a trial gives the same result from the
+    # CLI, in a study's Ray worker and in a benchmark, whatever the machine or OMP_NUM_THREADS.
+    with fixed_float_order(resolve_device(cfg.device), load_shape(cfg.dataset)):
         return _distill(cfg, teacher=teacher, report=report, resume_state=resume_state, progress=progress)
-    finally:
-        torch.set_num_threads(before)
 
 
 def load_shape(dataset: str) -> tuple[int, int, int]:

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from abd_ray.attacks import make_trigger, poison_training_set, poisoned_test_set
 from abd_ray.attacks.poison import pgd
 from abd_ray.config import TeacherSpec
 from abd_ray.data import DataBundle, load_dataset
+from abd_ray.engine.repro import environment, environment_differences, fixed_float_order
 from abd_ray.metrics import evaluate
 from abd_ray.models import build_model
 
@@ -46,12 +47,18 @@ class TeacherFileError(ValueError):
 
 @dataclass
 class Teacher:
-    """A loaded teacher and its metadata."""
+    """A loaded teacher and its metadata.
+
+    Attributes:
+        trained_elsewhere: for a cache hit, how the environment it was trained in differs from this one (torch
+            version, device, threads, deterministic flag); empty when it matches or the teacher was trained here.
+    """
 
     model: nn.Module
     meta: dict[str, Any]
     path: Path
     cached: bool
+    trained_elsewhere: list[str] = field(default_factory=list)
 
     @property
     def spec(self) -> TeacherSpec:
@@ -149,8 +156,22 @@ def _augment_for(data: DataBundle) -> dict[str, Any] | None:
 def train_teacher(
     spec: TeacherSpec, data: DataBundle, device: torch.device, progress: bool = True
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train the teacher of ``spec`` on ``data``; returns the model and its metrics / poisoning record."""
+    """Train the teacher of ``spec`` on ``data``; returns the model and its metrics / poisoning record (with the
+    environment it was trained in).
+
+    The float order is fixed by the spec (:func:`~abd_ray.engine.repro.fixed_float_order`), so every entry point
+    trains byte-identical weights for one spec on one machine and torch version.
+    """
     spec.validate()
+    with fixed_float_order(device, data.shape) as env:
+        model, record = _train_teacher(spec, data, device, progress)
+    record["environment"] = env
+    return model, record
+
+
+def _train_teacher(
+    spec: TeacherSpec, data: DataBundle, device: torch.device, progress: bool
+) -> tuple[nn.Module, dict[str, Any]]:
     torch.manual_seed(spec.seed)
     model = build_model(spec.arch, num_classes=data.num_classes, shape=data.shape, mean=data.mean, std=data.std)
     x, y = data.x_train, data.y_train
@@ -240,6 +261,7 @@ def write_artifact(folder: Path, model: nn.Module, spec: TeacherSpec, record: di
         "code_version": abd_ray.__version__,
         "recipe_version": RECIPE_VERSION,
         "weights_sha256": _sha256(tmp / WEIGHTS),
+        "environment": record.get("environment"),
     }
     (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     if folder.exists():
@@ -387,7 +409,9 @@ def get_teacher(
 ) -> Teacher:
     """The teacher of ``spec``: from the cache if a sound copy is there, else trained once and cached.
 
-    A damaged cached copy (weights not matching their recorded hash) is reported, removed and retrained.
+    A damaged cached copy (weights not matching their recorded hash) is reported, removed and retrained. A cache
+    hit trained in another environment (:func:`~abd_ray.engine.repro.environment`) is used as it is, with a warning
+    and its differences in :attr:`Teacher.trained_elsewhere`: its weights may differ from a teacher trained here.
     """
     spec.validate()
     folder = cache_folder(spec, cache_dir)
@@ -398,6 +422,16 @@ def get_teacher(
             try:
                 t = load_artifact(folder)
                 t.model.to(dev)
+                t.trained_elsewhere = environment_differences(
+                    t.meta.get("environment"), environment(dev, load_shape(spec))
+                )
+                if t.trained_elsewhere:
+                    warnings.warn(
+                        f"cached teacher {folder} was trained in another environment: "
+                        f"{'; '.join(t.trained_elsewhere)}; it is used as it is, but a teacher trained here may "
+                        "differ in its last bits (delete the folder to retrain it here)",
+                        stacklevel=2,
+                    )
                 return t
             except TeacherFileError as e:
                 warnings.warn(f"cached teacher is damaged, retraining it: {e}", stacklevel=2)

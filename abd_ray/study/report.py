@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
+
+from abd_ray.stats import format_mean_std, format_ms, mean_std
 
 REPORT_DIR = "report"
 
@@ -53,22 +54,29 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if _finite(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def fmt_ms(m: float, s: float, n: int) -> str:
-    if not _finite(m):
-        return "-"
-    return f"{m:.1f}±{s:.1f}" if n > 1 else f"{m:.1f}"
+def by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Finished runs of one cell grouped by configuration (defense and hyperparameters) across seeds: one row per
+    configuration with the mean, sample std and count ``n`` of clean_acc / asr / robust_acc, its seeds and trials
+    (``trial_id`` is the first of them)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if _finite(r.get("clean_acc")) and _finite(r.get("asr")):
+            key = json.dumps([r["defense"], r.get("kind"), r.get("params", {})], sort_keys=True, default=str)
+            groups.setdefault(key, []).append(r)
+    out = []
+    for grp in groups.values():
+        agg = {**grp[0], "n": len(grp), "trial_ids": [r["trial_id"] for r in grp],
+               "seeds": [r.get("seed") for r in grp]}
+        for k in ("clean_acc", "asr", "robust_acc"):
+            agg[k], agg[f"{k}_std"], _ = mean_std([r.get(k) for r in grp])
+        out.append(agg)
+    return out
 
 
 def recommend(rows: list[dict[str, Any]], undefended_acc: float, max_acc_drop: float,
               defense: str | None = None) -> dict[str, Any] | None:
-    """The defended run with the lowest asr whose clean_acc is within ``max_acc_drop`` of the undefended one.
+    """The defended run (or configuration, for rows of :func:`by_config`) with the lowest asr whose clean_acc is
+    within ``max_acc_drop`` of the undefended one.
 
     Ties go to the higher clean_acc. ``defense`` restricts the candidates to one defense.
     """
@@ -117,12 +125,14 @@ def trial_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                        x["seed"] or 0, x["trial_id"]))
 
 
-def _undefended(rows: list[dict[str, Any]], cell: str, seed: Any = None) -> tuple[float, float]:
+def _undefended_runs(rows: list[dict[str, Any]], cell: str, seed: Any = None) -> list[dict[str, Any]]:
+    """The cell's finished undefended runs: the twin of ``seed`` if there is one, else all of them."""
     base = [r for r in rows if r["cell"] == cell and r["defense"] == "none" and _finite(r["clean_acc"])]
-    twin = [r for r in base if r["seed"] == seed]
-    use = twin or base
-    if not use:
-        return float("nan"), float("nan")
+    return [r for r in base if r["seed"] == seed] or base
+
+
+def _undefended(rows: list[dict[str, Any]], cell: str, seed: Any = None) -> tuple[float, float]:
+    use = _undefended_runs(rows, cell, seed)
     return mean_std([r["clean_acc"] for r in use])[0], mean_std([r["asr"] for r in use])[0]
 
 
@@ -166,10 +176,18 @@ def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, 
         pts = [r for r in done if r["cell"] == cell]
         fronts[cell] = [_brief(r) for r in pareto_front(pts)]
         acc0, asr0 = _undefended(rows, cell)
-        rec = recommend(pts, acc0, max_acc_drop, defense="abd" if any(r["defense"] == "abd" for r in pts)
-                        else search_def)
-        recs[cell] = None if rec is None else {**_brief(rec), "undefended_clean_acc": acc0, "undefended_asr": asr0,
-                                               "acc_drop": acc0 - rec["clean_acc"] if _finite(acc0) else None}
+        base = _undefended_runs(rows, cell)
+        # A configuration run on several seeds is judged by its mean over them, and says how many it rests on.
+        rec = recommend(by_config(pts), acc0, max_acc_drop,
+                        defense="abd" if any(r["defense"] == "abd" for r in pts) else search_def)
+        if rec is not None and rec["n"] > 1 and _finite(acc0):
+            rec["der"] = der_of(acc0, asr0, rec["clean_acc"], rec["asr"])
+        recs[cell] = None if rec is None else {
+            **_brief(rec), "undefended_clean_acc": acc0, "undefended_asr": asr0,
+            "acc_drop": acc0 - rec["clean_acc"] if _finite(acc0) else None,
+            **{k: rec[k] for k in ("n", "seeds", "trial_ids", "clean_acc_std", "asr_std")},
+            "undefended": {k: format_mean_std([r[k] for r in base]) for k in ("clean_acc", "asr")},
+        }
 
     # Paper-style table: grid trials, mean ± std over seeds, per attack x (synthesizer, defense).
     table = []
@@ -179,13 +197,15 @@ def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, 
                                    and r["kind"] == "grid"}, key=lambda d: (d != "none", d)):
                 grp = [r for r in done if r["attack"] == attack and r["synthesizer"] == synth
                        and r["defense"] == defense and r["kind"] == "grid"]
-                acc, acc_s = mean_std([r["clean_acc"] for r in grp])
-                asr, asr_s = mean_std([r["asr"] for r in grp])
+                acc, acc_s, _ = mean_std([r["clean_acc"] for r in grp])
+                asr, asr_s, _ = mean_std([r["asr"] for r in grp])
                 t_acc = mean_std([r["teacher_clean_acc"] for r in grp])[0]
                 t_asr = mean_std([r["teacher_asr"] for r in grp])[0]
                 table.append({"attack": attack, "synthesizer": synth, "defense": defense, "n": len(grp),
                               "clean_acc": acc, "clean_acc_std": acc_s, "asr": asr, "asr_std": asr_s,
-                              "teacher_clean_acc": t_acc, "teacher_asr": t_asr})
+                              "teacher_clean_acc": t_acc, "teacher_asr": t_asr,
+                              "clean_acc_text": format_mean_std([r["clean_acc"] for r in grp]),
+                              "asr_text": format_mean_std([r["asr"] for r in grp])})
 
     counts = _counts(spec, state, study_dir, rows, optuna_names(spec))
     from abd_ray.tracking import ui_links
@@ -281,25 +301,31 @@ def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> 
                 if c["mlflow"].get("tracking_errors") else "") + ".", ""]
     if rep.get("mlflow", {}).get("experiment_url"):
         lines += ["## MLflow", "", "```", *mlflow_lines(rep["mlflow"]), "```", ""]
-    lines += ["## Paper-style table (grid trials, mean±std over seeds; Acc / ASR %)", "",
-              "| attack | synthesizer | defense | n | teacher acc/asr | clean_acc | asr |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["## Paper-style table (grid trials; Acc / ASR %, mean +- std (n seeds))", "",
+              "| attack | synthesizer | defense | teacher acc/asr | clean_acc | asr |",
+              "|---|---|---|---|---|---|"]
     for t in rep["table"]:
-        lines.append(f"| {t['attack']} | {t['synthesizer']} | {t['defense']} | {t['n']} | "
-                     f"{_f(t['teacher_clean_acc'])}/{_f(t['teacher_asr'])} | "
-                     f"{fmt_ms(t['clean_acc'], t['clean_acc_std'], t['n'])} | "
-                     f"{fmt_ms(t['asr'], t['asr_std'], t['n'])} |")
-    lines += ["", f"## Recommended config per cell (lowest asr within {rep['max_acc_drop']:g} points of the "
-                  "undefended clean_acc)", "",
-              "| cell | trial | defense | clean_acc | asr | undefended acc/asr | der | hyperparameters |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(f"| {t['attack']} | {t['synthesizer']} | {t['defense']} | "
+                     f"{_f(t['teacher_clean_acc'])}/{_f(t['teacher_asr'])} | {t['clean_acc_text']} | "
+                     f"{t['asr_text']} |")
+    lines += ["", f"## Recommended config per cell (lowest mean asr within {rep['max_acc_drop']:g} points of the "
+                  "undefended clean_acc; mean +- std (n seeds))", "",
+              "| cell | trial | defense | seeds | clean_acc | asr | undefended acc / asr | der | hyperparameters |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for cell, r in rep["recommended"].items():
         if r is None:
-            lines.append(f"| {cell} | - | - | - | - | - | - | no defended run within the allowed drop |")
+            lines.append(f"| {cell} | - | - | - | - | - | - | - | no defended run within the allowed drop |")
             continue
-        lines.append(f"| {cell} | {r['trial_id']} ({r['kind']}) | {r['defense']} | {_f(r['clean_acc'])} | "
-                     f"{_f(r['asr'])} | {_f(r['undefended_clean_acc'])}/{_f(r['undefended_asr'])} | "
-                     f"{_f(r.get('der'), 3)} | {_params(r['params'])} |")
+        seeds = f"{r['n']} ({', '.join(str(s) for s in r['seeds'])})"
+        lines.append(f"| {cell} | {r['trial_id']} ({r['kind']}) | {r['defense']} | {seeds} | "
+                     f"{format_ms(r['clean_acc'], r['clean_acc_std'], r['n'])} | "
+                     f"{format_ms(r['asr'], r['asr_std'], r['n'])} | "
+                     f"{r['undefended']['clean_acc']} / {r['undefended']['asr']} | {_f(r.get('der'), 3)} | "
+                     f"{_params(r['params'])} |")
+    if any(r is not None and r["n"] == 1 for r in rep["recommended"].values()):
+        lines += ["", "A recommendation resting on one seed is one draw: the same configuration scatters from "
+                  "seed to seed (bench/RESULTS.md, spread); run it on more seeds (the study's `seeds`) before "
+                  "concluding."]
     for cell, front in rep["pareto"].items():
         lines += ["", f"## Pareto front: {cell} (clean_acc max, asr min)", ""]
         if pngs and cell in pngs:

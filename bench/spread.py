@@ -1,0 +1,224 @@
+"""Benchmark: how far results scatter over run seeds when nothing meaningful changes.
+
+    python bench/spread.py [--seeds 0-4] [--resume] [--cache DIR] [--out DIR]   # run (resumable)
+    python bench/spread.py --render                                             # table only
+
+zskt on digits, triggers badnet_grid / blend / trojan_3x3, undefended and with abd, at the default budget, one
+``abd-ray distill --json`` process per run (the user's command, nothing else). One JSON record per finished run
+under bench/results/spread/ (its metrics, the commit, the teacher's weights hash and training environment);
+``--resume`` skips the runs already recorded, so the benchmark can be split across sessions; several processes
+started with the same arguments share the work (a run is claimed by a ``.claim`` file holding the claimant's
+pid). The run seed seeds the student, the synthesis and the defense; the teacher's seed is ``teacher_seed`` (0),
+so every seed of one trigger distils the same teacher. Writes the ``spread`` section of bench/RESULTS.md (mean +-
+std (n) per cell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import ROOT, git_commit, machine, machine_line, update_section  # noqa: E402  (bench/run.py)
+
+ATTACKS = ("badnet_grid", "blend", "trojan_3x3")
+DEFENSES = ("none", "abd")
+OUT = HERE / "results" / "spread"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0-4`` or ``0,2,3``."""
+    if "-" in text:
+        lo, hi = text.split("-", 1)
+        return list(range(int(lo), int(hi) + 1))
+    return [int(s) for s in text.split(",") if s]
+
+
+def runs(seeds: list[int]) -> list[tuple[str, str, int]]:
+    """(attack, defense, seed), seed by seed, so a partial benchmark has every cell at its first seeds."""
+    return [(a, d, s) for s in seeds for a in ATTACKS for d in DEFENSES]
+
+
+def record_path(out: Path, attack: str, defense: str, seed: int) -> Path:
+    return out / f"zskt_{attack}_{defense}_seed{seed}.json"
+
+
+def command(attack: str, defense: str, seed: int, cache: str, steps: int | None) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "abd_ray.cli",
+        "distill",
+        "--dataset",
+        "digits",
+        "--attack",
+        attack,
+        "--synthesizer",
+        "zskt",
+        "--defense",
+        defense,
+        "--seed",
+        str(seed),
+        "--cache",
+        cache,
+        "--json",
+    ]
+    return cmd + (["--steps", str(steps)] if steps else [])
+
+
+def teacher_record(cmd: list[str]) -> dict:
+    """The weights hash, key and training environment of the cached teacher that the distill command ``cmd`` used
+    (its spec read from the command's own arguments)."""
+    from abd_ray.cli import build_parser
+    from abd_ray.engine.distill_cli import config_from_args
+    from abd_ray.engine.teacher import META, cache_folder
+
+    cfg = config_from_args(build_parser().parse_args(cmd[3:])).resolved()
+    meta = json.loads((cache_folder(cfg.teacher_spec(), cfg.cache_dir) / META).read_text())
+    return {
+        "weights_sha256": meta["weights_sha256"],
+        "key": meta["key"],
+        "environment": meta.get("environment"),
+        "clean_acc": meta["metrics"]["clean_acc"],
+        "asr": meta["metrics"]["asr"],
+    }
+
+
+def run_one(attack: str, defense: str, seed: int, cache: str, steps: int | None) -> dict:
+    cmd = command(attack, defense, seed, cache, steps)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} failed:\n{proc.stderr[-2000:]}")
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        "synthesizer": "zskt",
+        "attack": attack,
+        "defense": defense,
+        "seed": seed,
+        "steps": steps or "default",
+        "metrics": metrics,
+        "teacher": teacher_record(cmd),
+        "commit": git_commit(),
+        "process_s": round(time.perf_counter() - t0, 1),
+        "load_1m": round(os.getloadavg()[0], 2),
+        "command": "abd-ray " + " ".join(cmd[3:]),
+    }
+
+
+def claim(path: Path) -> bool:
+    """Claim the run recorded at ``path`` for this process; False when another live process holds it."""
+    c = path.with_suffix(".claim")
+    for _ in range(2):
+        try:
+            with open(c, "x") as f:
+                f.write(str(os.getpid()))
+            return True
+        except FileExistsError:
+            try:
+                os.kill(int(c.read_text() or 0), 0)
+                return False  # its claimant is alive
+            except (ProcessLookupError, ValueError):
+                c.unlink(missing_ok=True)  # a claim left by a process that died
+    return False
+
+
+def load_records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("zskt_*.json"))]
+
+
+def table(records: list[dict], seeds: list[int]) -> str:
+    """The spread section: mean +- std (n) of clean_acc and asr per cell, and what remains to run."""
+    from abd_ray.stats import format_mean_std
+
+    done = {(r["attack"], r["defense"], r["seed"]) for r in records}
+    todo = [r for r in runs(seeds) if r not in done]
+    commits = sorted({r["commit"] or "?" for r in records})
+    lines = [
+        "## Spread over run seeds (zskt, digits)" + (" -- PARTIAL" if todo else ""),
+        "",
+        f"`{Path(sys.executable).name} bench/spread.py --seeds {seeds[0]}-{seeds[-1]} --resume` (one `abd-ray "
+        "distill --dataset digits --synthesizer zskt --attack A --defense D --seed S --json` process per run, "
+        "default budget, one fresh teacher cache; the run seed changes the student, the synthesis and the defense, "
+        "not the teacher, whose seed is `teacher_seed` = 0). Cells: mean +- sample std (n runs), min..max.",
+        "",
+        f"Commit(s): {', '.join(commits)}; {machine_line(machine())}.",
+        "",
+        "| attack | defense | clean_acc | clean min..max | asr | asr min..max | seeds | teacher weights_sha256 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a in ATTACKS:
+        for d in DEFENSES:
+            rs = sorted((r for r in records if r["attack"] == a and r["defense"] == d), key=lambda r: r["seed"])
+            if not rs:
+                lines.append(f"| {a} | {d} | n/a | | n/a | | none yet | |")
+                continue
+            ca = [r["metrics"]["clean_acc"] for r in rs]
+            asr = [r["metrics"]["asr"] for r in rs]
+            hashes = sorted({r["teacher"]["weights_sha256"][:12] for r in rs})
+            lines.append(
+                f"| {a} | {d} | {format_mean_std(ca)} | {min(ca):.1f}..{max(ca):.1f} | {format_mean_std(asr)} | "
+                f"{min(asr):.1f}..{max(asr):.1f} | {','.join(str(r['seed']) for r in rs)} | {', '.join(hashes)} |"
+            )
+    if todo:
+        lines += [
+            "",
+            f"Not run yet ({len(todo)} of {len(runs(seeds))}): "
+            + ", ".join(f"{a}/{d}/seed{s}" for a, d, s in todo)
+            + f". Resume with `OMP_NUM_THREADS=1 nohup python bench/spread.py --seeds {seeds[0]}-{seeds[-1]} "
+            "--resume > bench/results/spread.log 2>&1 &` (a second such process shares the runs).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0-4", help="run seeds, e.g. 0-4 or 0,3 (default 0-4)")
+    p.add_argument("--resume", action="store_true", help="skip the runs already recorded under --out")
+    p.add_argument("--cache", default=str(ROOT / ".abd_ray" / "spread_cache"), help="teacher cache of the runs")
+    p.add_argument("--out", default=str(OUT), help="folder of the per-run records")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the digits budget)")
+    p.add_argument("--render", action="store_true", help="only rewrite the RESULTS.md section from the records")
+    p.add_argument("--smoke-test", action="store_true", help="two runs of 5 steps into a temporary folder")
+    args = p.parse_args(argv)
+    seeds = parse_seeds(args.seeds)
+    out = Path(args.out)
+    if args.smoke_test:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="spread_smoke_"))
+        out, args.cache, args.steps, todo = (
+            tmp / "runs",
+            str(tmp / "cache"),
+            5,
+            [("badnet_grid", "none", 0), ("badnet_grid", "abd", 0)],
+        )
+    else:
+        todo = runs(seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.render:
+        for attack, defense, seed in todo:
+            path = record_path(out, attack, defense, seed)
+            if args.resume and path.exists() or not claim(path):
+                continue
+            try:
+                rec = run_one(attack, defense, seed, args.cache, args.steps)
+                path.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+            finally:
+                path.with_suffix(".claim").unlink(missing_ok=True)
+            print(json.dumps(rec, sort_keys=True), flush=True)
+    md = table(load_records(out), seeds)
+    print(md)
+    if not args.smoke_test:
+        update_section("spread", md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
