@@ -89,6 +89,7 @@ def _start_cluster(ns: str, home: Path, temp_dir: str) -> None:
 
 def _refused(ns: str, f: Path, home: Path, tmp: Path, address: str, **env: str) -> str:
     """Run ``abd-ray study`` that must be refused: exit 2, one line on stderr, and no study folder."""
+    env = {"RAY_NUM_REDIS_GET_RETRIES": "3", **env}  # Ray's client retries a refused connection 20 times by default
     r = subprocess.run(_in(ns, _cli("study", str(f), "--address", address, "--storage", str(tmp / "runs"),
                                     "--tracking-uri", f"sqlite:///{tmp}/mlflow.db")),
                        env=_env(home, **env), capture_output=True, text=True, timeout=120, cwd=tmp)
