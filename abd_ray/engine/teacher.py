@@ -139,9 +139,9 @@ def train_teacher(
     environment it was trained in).
 
     The float order is fixed by the spec (:func:`~abd_ray.engine.repro.fixed_float_order`), so every entry point
-    trains byte-identical weights for one spec on one machine and torch version.
+    trains byte-identical weights for one spec on one machine and torch version. ``spec`` must be valid
+    (:func:`get_teacher` validates it before it looks in the cache).
     """
-    spec.validate()
     with fixed_float_order(device, data.shape) as env:
         model, record = _train_teacher(spec, data, device, progress)
     record["environment"] = env
