@@ -102,7 +102,8 @@ def train_classifier(
     desc: str = "teacher",
     progress: bool = True,
 ) -> nn.Module:
-    """SGD (momentum 0.9, Nesterov, weight decay 5e-4) with a per-step cosine schedule, the usual CIFAR recipe."""
+    """SGD (momentum 0.9, Nesterov, weight decay 5e-4) with a per-step cosine schedule, the usual CIFAR recipe;
+    ``augment``: :func:`~abd_ray.data.augment.shift_flip` keywords (the dataset's :func:`kd_augment`), or None."""
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps_per_epoch = math.ceil(len(x) / batch_size)
@@ -151,8 +152,9 @@ def train_teacher(
 def _train_teacher(
     spec: TeacherSpec, data: DataBundle, device: torch.device, progress: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
+    aug = kd_augment(data)
+
     def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, desc: str) -> nn.Module:
-        aug = kd_augment(data)
         return train_classifier(
             model, x, y, spec.epochs, spec.batch_size, spec.lr, seed, device, aug, desc=desc, progress=progress
         )
