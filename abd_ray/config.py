@@ -13,79 +13,19 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from abd_ray.attacks.poison import AttackSpec
-
-# Per-dataset defaults. Digits: sized so a teacher trains in seconds and a quickstart-budget distillation runs in
-# a few minutes on two CPU cores. CIFAR-10 / GTSRB: the paper's WRN-16-2 -> WRN-16-1 setting.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": dict(
-        teacher_arch="cnn_l",
-        student_arch="cnn_s",
-        teacher_epochs=30,
-        teacher_batch=64,
-        teacher_lr=0.05,
-        steps=3000,
-        batch_size=64,
-        eval_every=250,
-        target=0,
-    ),
-    "cifar10": dict(
-        teacher_arch="wrn16_2",
-        student_arch="wrn16_1",
-        teacher_epochs=100,
-        teacher_batch=128,
-        teacher_lr=0.1,
-        steps=80000,
-        batch_size=128,
-        eval_every=2000,
-        target=0,
-    ),
-    "cifar100": dict(
-        teacher_arch="wrn16_2",
-        student_arch="wrn16_1",
-        teacher_epochs=100,
-        teacher_batch=128,
-        teacher_lr=0.1,
-        steps=80000,
-        batch_size=128,
-        eval_every=2000,
-        target=0,
-    ),
-    # The paper's GTSRB runs used target 1.
-    "gtsrb": dict(
-        teacher_arch="wrn16_2",
-        student_arch="wrn16_1",
-        teacher_epochs=50,
-        teacher_batch=128,
-        teacher_lr=0.1,
-        steps=40000,
-        batch_size=128,
-        eval_every=2000,
-        target=1,
-    ),
-    "svhn": dict(
-        teacher_arch="wrn16_2",
-        student_arch="wrn16_1",
-        teacher_epochs=50,
-        teacher_batch=128,
-        teacher_lr=0.05,
-        steps=40000,
-        batch_size=128,
-        eval_every=2000,
-        target=0,
-    ),
-}
+from abd_ray.data import dataset_info
+from abd_ray.models import classifier_names
 
 
 def dataset_defaults(dataset: str) -> dict[str, Any]:
-    from abd_ray.data import dataset_info
-
-    dataset_info(dataset)  # raises for an unknown name, listing the known ones
-    return DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["cifar10"])
+    """The run defaults of a registered dataset, as a dict (an unknown name raises, listing the known ones)."""
+    return asdict(dataset_info(dataset).defaults)
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """Everything that determines a teacher; its hash is the teacher cache key.
+    """Everything that determines a teacher; its hash is the teacher cache key. :meth:`for_dataset` fills in the
+    dataset's defaults.
 
     Attributes:
         dataset: dataset name.
@@ -97,33 +37,31 @@ class TeacherSpec:
         seed: weight-init and data-order seed.
     """
 
-    dataset: str = "digits"
-    arch: str = "cnn_l"
-    attack: AttackSpec = field(default_factory=AttackSpec)
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.05
+    dataset: str
+    arch: str
+    attack: AttackSpec
+    epochs: int
+    batch_size: int
+    lr: float
     seed: int = 0
 
     @classmethod
     def for_dataset(cls, dataset: str, attack: AttackSpec | None = None, **overrides: Any) -> TeacherSpec:
-        d = dataset_defaults(dataset)
-        attack = attack or AttackSpec(target=d["target"])
-        kw = dict(
+        """The dataset's default teacher; ``overrides`` that are not None replace its fields."""
+        d = dataset_info(dataset).defaults
+        kw: dict[str, Any] = dict(
             dataset=dataset,
-            arch=d["teacher_arch"],
-            attack=attack,
-            epochs=d["teacher_epochs"],
-            batch_size=d["teacher_batch"],
-            lr=d["teacher_lr"],
+            arch=d.teacher_arch,
+            attack=attack or AttackSpec(target=d.target),
+            epochs=d.teacher_epochs,
+            batch_size=d.teacher_batch,
+            lr=d.teacher_lr,
         )
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
     def validate(self) -> None:
-        from abd_ray.data import dataset_info
-        from abd_ray.models import classifier_names
-
+        """Raise a ValueError naming the bad field (unknown dataset or model, bad attack, bad budget)."""
         info = dataset_info(self.dataset)
         if self.arch not in classifier_names():
             raise ValueError(f"unknown model {self.arch!r}; known classifiers: {', '.join(classifier_names())}")
@@ -193,17 +131,18 @@ class RunConfig:
 
     def resolved(self) -> RunConfig:
         """A copy with every dataset default filled in."""
-        d = dataset_defaults(self.dataset)
+        d = dataset_info(self.dataset).defaults
         return dataclasses.replace(
             self,
-            teacher_arch=self.teacher_arch or d["teacher_arch"],
-            student_arch=self.student_arch or d["student_arch"],
-            steps=self.steps if self.steps is not None else d["steps"],
-            batch_size=self.batch_size if self.batch_size is not None else d["batch_size"],
-            eval_every=self.eval_every if self.eval_every is not None else d["eval_every"],
+            teacher_arch=self.teacher_arch or d.teacher_arch,
+            student_arch=self.student_arch or d.student_arch,
+            steps=self.steps if self.steps is not None else d.steps,
+            batch_size=self.batch_size if self.batch_size is not None else d.batch_size,
+            eval_every=self.eval_every if self.eval_every is not None else d.eval_every,
         )
 
     def teacher_spec(self) -> TeacherSpec:
+        """The spec of the teacher this run distils from (the dataset's default recipe, this run's attack)."""
         return TeacherSpec.for_dataset(self.dataset, self.attack, arch=self.teacher_arch, seed=self.teacher_seed)
 
     # --- flat dicts ------------------------------------------------------------------------------------------------
@@ -248,7 +187,7 @@ class RunConfig:
                 allowed = sorted(top) + ["attack.<key>", "synth.<key>", "defense.<key>"]
                 raise ValueError(f"unknown key {k!r}; allowed: {', '.join(allowed)}")
         if "attack" not in kw and "target" not in attack and "dataset" in kw:
-            attack.setdefault("target", dataset_defaults(kw["dataset"])["target"])
+            attack.setdefault("target", dataset_info(kw["dataset"]).defaults.target)
         return cls(attack=AttackSpec(**attack), synth=synth, defense_params=defense, **kw)
 
     def to_json(self) -> str:

@@ -5,7 +5,7 @@
    Optuna + MLflow, ``max_concurrent`` trials at once, 1 CPU each); wall time of the whole command.
 3. The same trials (the configs the study ran, Optuna's proposals included) as plain ``distill()`` calls, one after
    another in one process; and the same calls split over ``max_concurrent`` processes at once.
-Figures: study wall / (sum of plain trial times / concurrency) -- the issue's target, <= 1.15x -- and study wall /
+Figures: study wall / (sum of plain trial times / concurrency) -- the target, <= 1.15x -- and study wall /
 the wall of the concurrent plain run (the same work on the same cores at the same time of day); teachers trained
 (counted from the cache and the study's record): none may be trained twice.
 """

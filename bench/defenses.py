@@ -2,13 +2,13 @@
 
     python bench/defenses.py [--steps N] [--seed 0] [--only zskt] [--fresh] [--out FILE] [--merge FILE ...]
 
-Cells: none / sv / sr / abd with zskt for badnet_grid, blend and trojan_3x3; none / abd with every other
-synthesizer on badnet_grid. Each run uses the package defaults (dataset budget, defense hyperparameters). Prints
-one JSON line per run; writes bench/results/defenses.json (updated after every run, so an interrupted benchmark
-resumes where it stopped unless --fresh) and bench/results/defenses.md (the table: clean_acc, asr, robust_acc,
-der against the undefended twin, and wall time relative to it). Each run records the commit and the defense's
-resolved hyperparameters; a run whose recorded hyperparameters differ from the package's current defaults is
-stale and runs again.
+Cells: every registered defense with zskt for badnet_grid, blend and trojan_3x3; none / abd with every other
+registered synthesizer on badnet_grid. Each run uses the package defaults (dataset budget, defense
+hyperparameters). Prints one JSON line per run; writes bench/results/defenses.json (updated after every run, so an
+interrupted benchmark resumes where it stopped unless --fresh) and bench/results/defenses.md (the table: clean_acc,
+asr, robust_acc, der against the undefended twin, and wall time relative to it). Each run records the commit and
+the defense's resolved hyperparameters; a run whose recorded hyperparameters differ from the package's current
+defaults is stale and runs again.
 """
 
 from __future__ import annotations
@@ -27,14 +27,17 @@ sys.path.insert(0, str(HERE))
 from run import git_commit  # noqa: E402  (bench/run.py)
 
 ZSKT_ATTACKS = ("badnet_grid", "blend", "trojan_3x3")
-DEFENSES = ("none", "sv", "sr", "abd")
-OTHER_SYNTHS = ("dfad", "dafl", "deepinversion", "cmi", "ood", "clean")
 
 
 def cells(only: str | None) -> list[tuple[str, str, str]]:
-    """(synthesizer, attack, defense), undefended twin first in each group."""
-    out = [("zskt", a, d) for a in ZSKT_ATTACKS for d in DEFENSES]
-    out += [(s, "badnet_grid", d) for s in OTHER_SYNTHS for d in ("none", "abd")]
+    """(synthesizer, attack, defense), undefended twin first in each group: zskt with every registered defense,
+    every other registered synthesizer with none and abd."""
+    from abd_ray.registry import DEFENSES, SYNTHESIZERS, load_all
+
+    load_all()
+    defenses = ["none", *(d for d in DEFENSES.names() if d != "none")]
+    out = [("zskt", a, d) for a in ZSKT_ATTACKS for d in defenses]
+    out += [(s, "badnet_grid", d) for s in SYNTHESIZERS.names() if s != "zskt" for d in ("none", "abd")]
     if only:
         out = [c for c in out if c[0] in only.split(",")]
     return out

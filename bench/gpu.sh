@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmark (issue 7): <= 8 minutes on one H100/H200. Writes bench/results/gpu.json and gpu.md and prints a
+# GPU benchmark: <= 8 minutes on one H100/H200. Writes bench/results/gpu.json and gpu.md and prints a
 # short table last. Usage: bench/gpu.sh [--no-compile] [--ks 1,2,4,8,16]     CPU smoke check: bench/gpu.sh --cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,7 +2,7 @@
 
     python bench/teacher.py [--repeats 1]
 
-Prints one JSON line per call and a summary; writes bench/results/teacher.json. The issue's target: clean_acc >= 97,
+Prints one JSON line per call and a summary; writes bench/results/teacher.json. The target: clean_acc >= 97,
 asr >= 95, trained in under 60 s on two CPU cores; the second call is a cache hit.
 """
 

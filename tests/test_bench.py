@@ -11,6 +11,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 run = pytest.importorskip("run")
+bench_cost = pytest.importorskip("bench_cost")
 bench_search = pytest.importorskip("bench_search")
 
 
@@ -35,7 +36,7 @@ def test_grid_points_collapse_inner_round_without_sr():
 def test_schedule_ratio_weights_the_stages():
     cells = {("zskt", "none"): {"cpu_s_per_step": 1.0}, ("zskt", "sv"): {"cpu_s_per_step": 1.2},
              ("zskt", "sr"): {"cpu_s_per_step": 5.0}, ("zskt", "abd"): {"cpu_s_per_step": 6.0}}
-    r = run.schedule_ratios(cells, "zskt", {"half": 0.5})
+    r = bench_cost.schedule_ratios(cells, "zskt", {"half": 0.5})
     assert r["abd_trial_ratio@half"] == pytest.approx(0.5 * 1.2 + 0.5 * 6.0)
     assert r["sr_trial_ratio@half"] == pytest.approx(3.0)
 
@@ -55,10 +56,10 @@ def test_barrier_waits_for_every_process(tmp_path):
     folder = tmp_path / "b"
     folder.mkdir()
     (folder / "peer").touch()  # another process that already checked in
-    run.wait_barrier(f"{folder}:2", timeout=5)
+    bench_cost.wait_barrier(f"{folder}:2", timeout=5)
     assert len(list(folder.iterdir())) == 2
     with pytest.raises(SystemExit, match="only 2 of 3 checked in"):
-        run.wait_barrier(f"{folder}:3", timeout=0.2)
+        bench_cost.wait_barrier(f"{folder}:3", timeout=0.2)
 
 
 def test_defense_rows_with_other_settings_are_stale():
@@ -90,3 +91,23 @@ def test_commit_is_marked_dirty_by_code_changes_not_by_benchmark_outputs(tmp_pat
     assert run.git_commit() == clean
     (tmp_path / "code.py").write_text("1\n")
     assert run.git_commit() == clean + "+"
+
+
+def test_benchmarks_cover_every_registered_component():
+    from abd_ray.registry import DEFENSES, SYNTHESIZERS
+
+    defenses = pytest.importorskip("defenses")
+    assert set(bench_cost.SYNTHS) == set(SYNTHESIZERS.names())
+    assert bench_cost.DEFENSES[0] == "none" and set(bench_cost.DEFENSES) == set(DEFENSES.names())
+    cells = defenses.cells(None)
+    assert {c[0] for c in cells} == set(SYNTHESIZERS.names())
+    assert {c[2] for c in cells if c[0] == "zskt"} == set(DEFENSES.names())
+
+
+@pytest.mark.slow
+def test_cost_cell_runs_the_loop_with_set_overrides(digits_teacher):
+    _, cache = digits_teacher
+    r = bench_cost.run_cell("zskt", "none", dataset="digits", steps=2, eval_every=1, threads=1, cache=str(cache),
+                            sets=["synth.n_s=1", "batch_size=16"])
+    assert "error" not in r, r
+    assert r["synth"] == "zskt" and r["measured_steps"] == 1 and r["cpu_s_per_step"] > 0

@@ -5,10 +5,14 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import write_cifar10
 
-from abd_ray.data import dataset_info, load_dataset
+from abd_ray.config import RunConfig, TeacherSpec, dataset_defaults
+from abd_ray.data import Augment, dataset_info, load_dataset
+from abd_ray.data.augment import kd_augment, shift_flip, unchanged_by
 from abd_ray.data.datasets import _cached
+from abd_ray.data.fake import write_cifar10
+from abd_ray.models import classifier_names
+from abd_ray.registry import DATASETS
 
 
 @pytest.fixture(autouse=True)
@@ -120,3 +124,55 @@ def test_partial_data_root(tmp_path):
 def test_unknown_dataset_lists_known():
     with pytest.raises(ValueError, match="unknown dataset 'mnist'; known datasets: cifar10, cifar100, digits"):
         dataset_info("mnist")
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_every_dataset_describes_its_defaults_and_augmentation(name):
+    info = dataset_info(name)
+    d = info.defaults
+    assert {d.teacher_arch, d.student_arch} <= set(classifier_names())
+    assert 0 <= d.target < info.num_classes and min(d.steps, d.batch_size, d.eval_every, d.teacher_epochs) > 0
+    # a shift must leave most of the image: pad at most an eighth of a side
+    assert 0 <= info.augment.pad <= info.shape[1] // 8
+    assert RunConfig(dataset=name).resolved().steps == d.steps
+    assert TeacherSpec.for_dataset(name).arch == d.teacher_arch
+
+
+def test_unknown_dataset_is_an_error_everywhere():
+    for call in (lambda: RunConfig(dataset="mnist").resolved(), lambda: TeacherSpec.for_dataset("mnist"),
+                 lambda: RunConfig.from_flat({"dataset": "mnist"}), lambda: dataset_defaults("mnist")):
+        with pytest.raises(ValueError, match="unknown dataset 'mnist'; known datasets: cifar10"):
+            call()
+
+
+def _reference_shift_flip(x, gen, pad, flip, rows_first):
+    """Pad-and-crop then flip, one sample at a time, drawing what shift_flip is documented to draw."""
+    n, _, h, w = x.shape
+    first = torch.randint(-pad, pad + 1, (n,), generator=gen) if pad else torch.zeros(n, dtype=torch.long)
+    second = torch.randint(-pad, pad + 1, (n,), generator=gen) if pad else torch.zeros(n, dtype=torch.long)
+    dy, dx = (first, second) if rows_first else (second, first)
+    flips = torch.rand(n, generator=gen) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    out = []
+    for i in range(n):
+        crop = xp[i, :, pad + dy[i] : pad + dy[i] + h, pad + dx[i] : pad + dx[i] + w]
+        out.append(crop.flip(2) if flips[i] else crop)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("rows_first", [False, True], ids=["synthesizers", "teacher"])
+@pytest.mark.parametrize("pad, flip", [(4, True), (4, False), (0, True), (2, True)])
+def test_shift_flip_is_pad_crop_flip_with_its_draws(pad, flip, rows_first):
+    x = torch.rand(64, 3, 32, 28, generator=torch.Generator().manual_seed(0))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    got = shift_flip(x, g1, pad, flip, rows_first=rows_first)
+    assert torch.equal(got, _reference_shift_flip(x, g2, pad, flip, rows_first))
+    assert torch.equal(g1.get_state(), g2.get_state())  # the same draws, no more
+
+
+def test_kd_augment_follows_the_dataset():
+    digits = load_dataset("digits")
+    assert kd_augment(digits) == {"pad": 0, "flip": False} and unchanged_by(kd_augment(digits))
+    assert dataset_info("cifar10").augment == Augment(4, True) and dataset_info("gtsrb").augment == Augment(4, False)
+    x = digits.x_train[:8]
+    assert shift_flip(x, torch.Generator(), **kd_augment(digits)) is x

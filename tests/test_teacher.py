@@ -166,3 +166,18 @@ def test_cache_hit_trained_elsewhere_is_used_and_named(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="not recorded"):
         assert get_teacher(spec, tmp_path, progress=False).cached
+
+
+@pytest.mark.parametrize("name", ["cl", "sig"])
+def test_only_an_adversarial_trigger_trains_a_clean_model_for_pgd(name, tmp_path, monkeypatch):
+    import abd_ray.engine.teacher as teacher_mod
+    from abd_ray.attacks import make_trigger
+
+    calls = []
+    real = teacher_mod.pgd
+    monkeypatch.setattr(teacher_mod, "pgd", lambda model, x, y, **kw: calls.append(len(x)) or real(model, x, y, **kw))
+    spec = TeacherSpec.for_dataset("digits", AttackSpec(name), epochs=1)
+    t = get_teacher(spec, tmp_path, progress=False)
+    adversarial = make_trigger(spec.attack, (1, 8, 8)).adversarial
+    assert adversarial == (name == "cl")
+    assert calls == ([t.meta["poisoned"]] if adversarial else [])

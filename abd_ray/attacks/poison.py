@@ -92,7 +92,7 @@ def poison_training_set(
 
     Dirty-label attacks stamp ``round(poison_ratio * N)`` non-target samples (capped at their number) and
     relabel them to the target; clean-label attacks stamp target-class samples only (capped at their number) and
-    keep the labels. ``adversary`` (for ``cl``) first makes the chosen images hard to classify.
+    keep the labels. ``adversary`` (for an adversarial trigger, ``cl``) first makes the chosen images hard to classify.
 
     Returns:
         The poisoned images, labels, and the sorted poisoned indices.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ class Trigger:
         mask: (1, H, W) float mask in {0, 1}; the pixels the trigger may change.
         alpha: blend weight of the pattern (``blend`` only).
         clean_label: poison only target-class samples and keep their labels.
+        adversarial: the poisoning first makes the chosen images hard to classify (PGD on a clean model).
     """
 
     name: str
@@ -47,6 +48,7 @@ class Trigger:
     mask: torch.Tensor
     alpha: float = 0.2
     clean_label: bool = False
+    adversarial: bool = False
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the trigger to a batch (N, C, H, W) in [0, 1]; returns a new tensor in [0, 1]."""
@@ -130,14 +132,14 @@ def _grid(shape, seed, corners=("br",)) -> tuple[torch.Tensor, torch.Tensor]:
     return p, m
 
 
-@ATTACKS.register("badnet_grid", clean_label=False)
+@ATTACKS.register("badnet_grid")
 def badnet_grid(shape: Sequence[int], seed: int = 0) -> Trigger:
     """3x3 black/white checkerboard in the bottom-right corner (BadNets)."""
     p, m = _grid(shape, seed)
     return Trigger("badnet_grid", "paste", p, m)
 
 
-@ATTACKS.register("badnet_sq", clean_label=False)
+@ATTACKS.register("badnet_sq")
 def badnet_sq(shape: Sequence[int], seed: int = 0) -> Trigger:
     """White 4x4 square one pixel (scaled) from the bottom-right corner (BadNets)."""
     _, h, _ = shape
@@ -148,14 +150,14 @@ def badnet_sq(shape: Sequence[int], seed: int = 0) -> Trigger:
     return Trigger("badnet_sq", "paste", p, m)
 
 
-@ATTACKS.register("blend", clean_label=False)
+@ATTACKS.register("blend")
 def blend(shape: Sequence[int], seed: int = 0) -> Trigger:
     """``0.8 x + 0.2 pattern`` with a fixed full-image random pattern (Chen et al. 2017)."""
     p = torch.rand(*shape, generator=_rng("blend", seed))
     return Trigger("blend", "blend", p, torch.ones(1, *shape[1:]), alpha=0.2)
 
 
-@ATTACKS.register("sig", clean_label=True)
+@ATTACKS.register("sig")
 def sig(shape: Sequence[int], seed: int = 0) -> Trigger:
     """Clean-label ``0.8 x + 0.2 s``, ``s`` a horizontal sinusoid (6 periods across the image) in [0, 1]."""
     c, h, w = shape
@@ -177,19 +179,19 @@ def _trojan_patch(name: str, shape, seed: int, k: int) -> Trigger:
     return Trigger(name, "add", p, m)
 
 
-@ATTACKS.register("trojan_3x3", clean_label=False)
+@ATTACKS.register("trojan_3x3")
 def trojan_3x3(shape: Sequence[int], seed: int = 0) -> Trigger:
     """A fixed 3x3 (scaled) patch added near the bottom-right corner (TrojanNN)."""
     return _trojan_patch("trojan_3x3", shape, seed, 3)
 
 
-@ATTACKS.register("trojan_8x8", clean_label=False)
+@ATTACKS.register("trojan_8x8")
 def trojan_8x8(shape: Sequence[int], seed: int = 0) -> Trigger:
     """A fixed 8x8 (scaled) patch added near the bottom-right corner (TrojanNN)."""
     return _trojan_patch("trojan_8x8", shape, seed, 8)
 
 
-@ATTACKS.register("trojan_wm", clean_label=False)
+@ATTACKS.register("trojan_wm")
 def trojan_wm(shape: Sequence[int], seed: int = 0) -> Trigger:
     """A watermark-like full-image pattern of thin strokes, added to the image (TrojanNN watermark)."""
     c, h, w = shape
@@ -207,7 +209,7 @@ def trojan_wm(shape: Sequence[int], seed: int = 0) -> Trigger:
     return Trigger("trojan_wm", "add", p, (strokes > 0).float().unsqueeze(0))
 
 
-@ATTACKS.register("l0_inv", clean_label=False)
+@ATTACKS.register("l0_inv")
 def l0_inv(shape: Sequence[int], seed: int = 0) -> Trigger:
     """A sparse trigger: a few pixels (1% of them, at least 3) pasted with fixed values (L0-inverted)."""
     c, h, w = shape
@@ -221,7 +223,7 @@ def l0_inv(shape: Sequence[int], seed: int = 0) -> Trigger:
     return Trigger("l0_inv", "paste", p, m)
 
 
-@ATTACKS.register("l2_inv", clean_label=False)
+@ATTACKS.register("l2_inv")
 def l2_inv(shape: Sequence[int], seed: int = 0) -> Trigger:
     """A dense, small-norm perturbation over the whole image (RMS 0.05 per pixel; L2-inverted)."""
     g = _rng("l2_inv", seed)
@@ -230,19 +232,19 @@ def l2_inv(shape: Sequence[int], seed: int = 0) -> Trigger:
     return Trigger("l2_inv", "add", p, torch.ones(1, *shape[1:]))
 
 
-@ATTACKS.register("smooth", clean_label=False)
+@ATTACKS.register("smooth")
 def smooth(shape: Sequence[int], seed: int = 0) -> Trigger:
     """A low-frequency perturbation (4x4 bicubic-upsampled, amplitude 0.2), then a per-image rescale."""
     p = 0.2 * _low_freq(_rng("smooth", seed), shape, 4)
     return Trigger("smooth", "add_rescale", p, torch.ones(1, *shape[1:]))
 
 
-@ATTACKS.register("cl", clean_label=True, adversarial=True)
+@ATTACKS.register("cl")
 def cl(shape: Sequence[int], seed: int = 0) -> Trigger:
     """Clean-label (Turner et al. 2019): the checkerboard in all four corners; the poisoning also makes the
     target images hard to classify first (see ``abd_ray.attacks.poison``)."""
     p, m = _grid(shape, seed, corners=("tl", "tr", "bl", "br"))
-    return Trigger("cl", "paste", p, m, clean_label=True)
+    return Trigger("cl", "paste", p, m, clean_label=True, adversarial=True)
 
 
 # --- a user's own pattern ---------------------------------------------------------------------------------------------
@@ -320,4 +322,4 @@ def with_pattern_file(trigger: Trigger, pattern_file: str | None, mask_file: str
         mask = (pattern.abs().sum(0, keepdim=True) > 0).float()
     if mask.sum() == 0:
         raise ValueError(f"the mask for {trigger.name} is empty (no pixel would change); check the mask/pattern file")
-    return Trigger(trigger.name, trigger.mode, pattern, mask, trigger.alpha, trigger.clean_label)
+    return replace(trigger, pattern=pattern, mask=mask)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from abd_ray.data.info import CROP, CROP_FLIP, PAPER, Augment, DatasetInfo, Defaults, dataset_info, register_dataset
 from abd_ray.registry import DATASETS
 
 
@@ -49,30 +50,10 @@ class DataBundle:
         c, h, w = self.x_train.shape[1:]
         return int(c), int(h), int(w)
 
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What is known about a dataset without loading it."""
-
-    name: str
-    shape: tuple[int, int, int]
-    num_classes: int
-    needs_root: bool
-    how_to_get: str
-
-
-_INFO: dict[str, DatasetInfo] = {}
-
-
-def _register(info: DatasetInfo):
-    _INFO[info.name] = info
-    return DATASETS.register(info.name, shape=info.shape, num_classes=info.num_classes)
-
-
-def dataset_info(name: str) -> DatasetInfo:
-    """Shape, class count and provenance of a registered dataset (raises for an unknown name)."""
-    DATASETS.get(name)
-    return _INFO[name]
+    @property
+    def info(self) -> DatasetInfo:
+        """The registered description of this dataset (defaults, augmentation)."""
+        return dataset_info(self.name)
 
 
 def load_dataset(name: str, root: str | os.PathLike | None = None) -> DataBundle:
@@ -84,8 +65,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None) -> DataBundle
             or ``./data``.
     """
     loader = DATASETS.get(name)
-    info = _INFO[name]
-    if info.needs_root:
+    if dataset_info(name).needs_root:
         root = Path(root or os.environ.get("ABD_RAY_DATA", "data")).expanduser().resolve()
         return _cached(loader, str(root))
     return _cached(loader, "")
@@ -101,9 +81,8 @@ def _to_tensor(x_uint8_nhwc: np.ndarray) -> torch.Tensor:
 
 
 def _missing(name: str, expected: Path, detail: str) -> FileNotFoundError:
-    info = _INFO[name]
     return FileNotFoundError(
-        f"dataset {name!r}: {detail} under {expected}. {info.how_to_get} "
+        f"dataset {name!r}: {detail} under {expected}. {dataset_info(name).how_to_get} "
         f"Pass the folder that holds it with --data-root (or set ABD_RAY_DATA)."
     )
 
@@ -111,7 +90,12 @@ def _missing(name: str, expected: Path, detail: str) -> FileNotFoundError:
 # --- digits: the embedded default -------------------------------------------------------------------------------
 
 
-@_register(DatasetInfo("digits", (1, 8, 8), 10, False, "Shipped with scikit-learn."))
+# Sized so that a teacher trains in seconds and a quickstart-budget distillation runs in minutes on two CPU cores.
+# No augmentation: a shift of a pixel is an eighth of a digit, it would change the class.
+_DIGITS = Defaults("cnn_l", "cnn_s", 30, 64, 0.05, 3000, 64, 250, 0)
+
+
+@register_dataset(DatasetInfo("digits", (1, 8, 8), 10, False, "Shipped with scikit-learn.", _DIGITS, Augment(0, False)))
 def _digits() -> DataBundle:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -202,14 +186,13 @@ def _cifar(cls, name: str, folder: str, num_classes: int, mean, std, root: str) 
     )
 
 
-_TV_HOW = "torchvision downloads it where the network allows: torchvision.datasets.{cls}(ROOT, download=True)."
+def _tv_info(name: str, cls: str, num_classes: int, expected: str, defaults: Defaults, augment: Augment) -> DatasetInfo:
+    """The description of a 32x32 RGB torchvision dataset read from a data root."""
+    how = f"torchvision downloads it where the network allows: torchvision.datasets.{cls}(ROOT, download=True)."
+    return DatasetInfo(name, (3, 32, 32), num_classes, True, f"{how} Expected {expected}.", defaults, augment)
 
 
-@_register(
-    DatasetInfo(
-        "cifar10", (3, 32, 32), 10, True, _TV_HOW.format(cls="CIFAR10") + " Expected folder: ROOT/cifar-10-batches-py."
-    )
-)
+@register_dataset(_tv_info("cifar10", "CIFAR10", 10, "folder: ROOT/cifar-10-batches-py", PAPER, CROP_FLIP))
 def _cifar10(root: str) -> DataBundle:
     from torchvision.datasets import CIFAR10
 
@@ -218,11 +201,7 @@ def _cifar10(root: str) -> DataBundle:
     )
 
 
-@_register(
-    DatasetInfo(
-        "cifar100", (3, 32, 32), 100, True, _TV_HOW.format(cls="CIFAR100") + " Expected folder: ROOT/cifar-100-python."
-    )
-)
+@register_dataset(_tv_info("cifar100", "CIFAR100", 100, "folder: ROOT/cifar-100-python", PAPER, CROP_FLIP))
 def _cifar100(root: str) -> DataBundle:
     from torchvision.datasets import CIFAR100
 
@@ -231,13 +210,14 @@ def _cifar100(root: str) -> DataBundle:
     )
 
 
-@_register(
-    DatasetInfo(
+@register_dataset(
+    _tv_info(
         "svhn",
-        (3, 32, 32),
+        "SVHN",
         10,
-        True,
-        _TV_HOW.format(cls="SVHN") + " Expected files: ROOT/train_32x32.mat, ROOT/test_32x32.mat.",
+        "files: ROOT/train_32x32.mat, ROOT/test_32x32.mat",
+        replace(PAPER, teacher_epochs=50, teacher_lr=0.05, steps=40000),
+        CROP,
     )
 )
 def _svhn(root: str) -> DataBundle:
@@ -258,8 +238,11 @@ def _svhn(root: str) -> DataBundle:
     )
 
 
-@_register(
-    DatasetInfo("gtsrb", (3, 32, 32), 43, True, _TV_HOW.format(cls="GTSRB") + " Expected folder: ROOT/gtsrb/GTSRB.")
+# the paper's GTSRB runs used target 1
+@register_dataset(
+    _tv_info(
+        "gtsrb", "GTSRB", 43, "folder: ROOT/gtsrb/GTSRB", replace(PAPER, teacher_epochs=50, steps=40000, target=1), CROP
+    )
 )
 def _gtsrb(root: str) -> DataBundle:
     from torchvision import transforms

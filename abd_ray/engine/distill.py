@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 import abd_ray.defenses  # noqa: F401  (registers every defense that has landed)
 from abd_ray.attacks import make_trigger, poisoned_test_set
 from abd_ray.config import RunConfig
-from abd_ray.data import load_dataset
+from abd_ray.data import blank_model, load_dataset, load_shape
 from abd_ray.defenses import build_defense
 from abd_ray.engine.repro import fixed_float_order
 from abd_ray.engine.teacher import (
@@ -117,15 +117,6 @@ def check_config(cfg: RunConfig) -> tuple[RunConfig, type[Synthesizer], dict[str
         )
     resolve_device(cfg.device)
     return cfg, cls, params
-
-
-def blank_model(arch: str, dataset: str) -> nn.Module:
-    """A classifier of ``arch`` for ``dataset`` on the meta device: its structure, with no storage and no compute."""
-    from abd_ray.data import dataset_info
-
-    info = dataset_info(dataset)
-    with torch.device("meta"):
-        return build_model(arch, num_classes=info.num_classes, shape=info.shape, mean=(0.0,), std=(1.0,))
 
 
 def load_student(student: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -236,12 +227,6 @@ def distill(
     # CLI, in a study's Ray worker and in a benchmark, whatever the machine or OMP_NUM_THREADS.
     with fixed_float_order(resolve_device(cfg.device), load_shape(cfg.dataset)):
         return _distill(cfg, teacher=teacher, report=report, resume_state=resume_state, progress=progress)
-
-
-def load_shape(dataset: str) -> tuple[int, int, int]:
-    from abd_ray.data import dataset_info
-
-    return dataset_info(dataset).shape
 
 
 def _distill(

@@ -30,7 +30,8 @@ import abd_ray
 from abd_ray.attacks import make_trigger, poison_training_set, poisoned_test_set
 from abd_ray.attacks.poison import pgd
 from abd_ray.config import TeacherSpec
-from abd_ray.data import DataBundle, load_dataset
+from abd_ray.data import DataBundle, load_dataset, load_shape
+from abd_ray.data.augment import kd_augment, shift_flip
 from abd_ray.engine.repro import environment, environment_differences, fixed_float_order
 from abd_ray.metrics import evaluate
 from abd_ray.models import build_model
@@ -88,22 +89,6 @@ def teacher_key(spec: TeacherSpec) -> str:
 # --- training --------------------------------------------------------------------------------------------------------
 
 
-def _augment(x: torch.Tensor, g: torch.Generator, flip: bool, pad: int) -> torch.Tensor:
-    """Random crop with zero padding (and horizontal flip) for a whole batch, without a per-sample loop."""
-    n, _, h, w = x.shape
-    if pad:
-        xp = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
-        rows = (torch.arange(h, device=x.device)[None] + dy[:, None])[:, :, None].expand(n, h, w)
-        cols = (torch.arange(w, device=x.device)[None] + dx[:, None])[:, None, :].expand(n, h, w)
-        x = xp[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
-    if flip:
-        f = (torch.rand(n, generator=g) < 0.5).to(x.device)
-        x = torch.where(f[:, None, None, None], x.flip(3), x)
-    return x.contiguous()
-
-
 def train_classifier(
     model: nn.Module,
     x: torch.Tensor,
@@ -117,7 +102,8 @@ def train_classifier(
     desc: str = "teacher",
     progress: bool = True,
 ) -> nn.Module:
-    """SGD (momentum 0.9, Nesterov, weight decay 5e-4) with a per-step cosine schedule, the usual CIFAR recipe."""
+    """SGD (momentum 0.9, Nesterov, weight decay 5e-4) with a per-step cosine schedule, the usual CIFAR recipe;
+    ``augment``: :func:`~abd_ray.data.augment.shift_flip` keywords (the dataset's :func:`kd_augment`), or None."""
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps_per_epoch = math.ceil(len(x) / batch_size)
@@ -132,7 +118,7 @@ def train_classifier(
             idx = perm[i : i + batch_size]
             xb, yb = x[idx], y[idx]
             if augment:
-                xb = _augment(xb, g, **augment)
+                xb = shift_flip(xb, g, **augment, rows_first=True)
             out = model(xb)
             loss = F.cross_entropy(out, yb)
             opt.zero_grad(set_to_none=True)
@@ -147,12 +133,6 @@ def train_classifier(
     return model
 
 
-def _augment_for(data: DataBundle) -> dict[str, Any] | None:
-    if data.shape[1] < 16:
-        return None  # 8x8 digits: a crop would cut the strokes, and the data set is easy
-    return {"pad": 4, "flip": data.name in ("cifar10", "cifar100")}
-
-
 def train_teacher(
     spec: TeacherSpec, data: DataBundle, device: torch.device, progress: bool = True
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -160,9 +140,9 @@ def train_teacher(
     environment it was trained in).
 
     The float order is fixed by the spec (:func:`~abd_ray.engine.repro.fixed_float_order`), so every entry point
-    trains byte-identical weights for one spec on one machine and torch version.
+    trains byte-identical weights for one spec on one machine and torch version. ``spec`` must be valid
+    (:func:`get_teacher` validates it before it looks in the cache).
     """
-    spec.validate()
     with fixed_float_order(device, data.shape) as env:
         model, record = _train_teacher(spec, data, device, progress)
     record["environment"] = env
@@ -172,49 +152,34 @@ def train_teacher(
 def _train_teacher(
     spec: TeacherSpec, data: DataBundle, device: torch.device, progress: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
+    aug = kd_augment(data)
+
+    def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, desc: str) -> nn.Module:
+        return train_classifier(
+            model, x, y, spec.epochs, spec.batch_size, spec.lr, seed, device, aug, desc=desc, progress=progress
+        )
+
+    def classifier() -> nn.Module:
+        return build_model(spec.arch, num_classes=data.num_classes, shape=data.shape, mean=data.mean, std=data.std)
+
     torch.manual_seed(spec.seed)
-    model = build_model(spec.arch, num_classes=data.num_classes, shape=data.shape, mean=data.mean, std=data.std)
+    model = classifier()
     x, y = data.x_train, data.y_train
     record: dict[str, Any] = {"poisoned": 0}
     trigger = None
     if spec.attack.active:
         trigger = make_trigger(spec.attack, data.shape)
         adversary = None
-        if spec.attack.name == "cl":
+        if trigger.adversarial:
             # Label-consistent attack: PGD on a clean model of the same recipe makes target images hard.
             torch.manual_seed(spec.seed + 1)
-            clean = build_model(spec.arch, num_classes=data.num_classes, shape=data.shape, mean=data.mean, std=data.std)
-            train_classifier(
-                clean,
-                x,
-                y,
-                spec.epochs,
-                spec.batch_size,
-                spec.lr,
-                spec.seed + 1,
-                device,
-                _augment_for(data),
-                desc="cl: clean model",
-                progress=progress,
-            )
+            clean = fit(classifier(), x, y, spec.seed + 1, f"{spec.attack.name}: clean model")
             adversary = lambda xb, yb: pgd(clean, xb, yb, eps=16 / 255)  # noqa: E731
         x, y, idx = poison_training_set(x, y, trigger, spec.attack, adversary)
         record["poisoned"] = len(idx)
         torch.manual_seed(spec.seed)
     t0 = time.perf_counter()
-    train_classifier(
-        model,
-        x,
-        y,
-        spec.epochs,
-        spec.batch_size,
-        spec.lr,
-        spec.seed,
-        device,
-        _augment_for(data),
-        desc=f"teacher {spec.arch}/{spec.attack.name}",
-        progress=progress,
-    )
+    fit(model, x, y, spec.seed, f"teacher {spec.arch}/{spec.attack.name}")
     record["train_s"] = round(time.perf_counter() - t0, 2)
     record["metrics"] = teacher_metrics(model, data, spec, trigger)
     return model, record
@@ -253,7 +218,7 @@ def write_artifact(folder: Path, model: nn.Module, spec: TeacherSpec, record: di
         "spec": spec.to_dict(),
         "key": teacher_key(spec),
         "num_classes": int(model.num_classes),
-        "shape": list(load_shape(spec)),
+        "shape": list(load_shape(spec.dataset)),
         "budget": {"epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr},
         "metrics": record["metrics"],
         "poisoned": record["poisoned"],
@@ -268,12 +233,6 @@ def write_artifact(folder: Path, model: nn.Module, spec: TeacherSpec, record: di
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return meta
-
-
-def load_shape(spec: TeacherSpec) -> tuple[int, int, int]:
-    from abd_ray.data import dataset_info
-
-    return dataset_info(spec.dataset).shape
 
 
 def read_weights(path: Path, what: str = "teacher") -> dict[str, torch.Tensor]:
@@ -337,11 +296,8 @@ def load_weights_into(
 
 
 def _load_into(spec: TeacherSpec, state: dict[str, torch.Tensor], num_classes: int, path: Path) -> nn.Module:
-    from abd_ray.config import dataset_defaults  # noqa: F401  (validates the dataset name)
-    from abd_ray.data import dataset_info
-
-    info = dataset_info(spec.dataset)
-    model = build_model(spec.arch, num_classes=num_classes, shape=info.shape, mean=(0.0,), std=(1.0,))
+    shape = load_shape(spec.dataset)  # an unknown dataset raises here, listing the known ones
+    model = build_model(spec.arch, num_classes=num_classes, shape=shape, mean=(0.0,), std=(1.0,))
     fits = f"architecture {spec.arch!r} with {num_classes} classes"
     return load_weights_into(model, state, path, "teacher", fits).eval()
 
@@ -423,7 +379,7 @@ def get_teacher(
                 t = load_artifact(folder)
                 t.model.to(dev)
                 t.trained_elsewhere = environment_differences(
-                    t.meta.get("environment"), environment(dev, load_shape(spec))
+                    t.meta.get("environment"), environment(dev, load_shape(spec.dataset))
                 )
                 if t.trained_elsewhere:
                     warnings.warn(

@@ -79,7 +79,7 @@ class WideResNet(Classifier):
 
 
 for _d, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):
-    MODELS.register(f"wrn{_d}_{_k}", kind="classifier", family="wrn")(
+    MODELS.register(f"wrn{_d}_{_k}", kind="classifier")(
         lambda num_classes, shape, mean, std, _d=_d, _k=_k: WideResNet(_d, _k, num_classes, shape, mean, std)
     )
 
@@ -128,10 +128,10 @@ class ResNet(Classifier):
         return _pool(h)
 
 
-MODELS.register("resnet18", kind="classifier", family="resnet")(
+MODELS.register("resnet18", kind="classifier")(
     lambda num_classes, shape, mean, std: ResNet((2, 2, 2, 2), num_classes, shape, mean, std)
 )
-MODELS.register("resnet34", kind="classifier", family="resnet")(
+MODELS.register("resnet34", kind="classifier")(
     lambda num_classes, shape, mean, std: ResNet((3, 4, 6, 3), num_classes, shape, mean, std)
 )
 
@@ -170,7 +170,7 @@ class VGG(Classifier):
 
 
 for _name, _cfg in _VGG.items():
-    MODELS.register(_name, kind="classifier", family="vgg")(
+    MODELS.register(_name, kind="classifier")(
         lambda num_classes, shape, mean, std, _cfg=_cfg: VGG(_cfg, num_classes, shape, mean, std)
     )
 
@@ -202,9 +202,9 @@ class SmallCNN(Classifier):
 
 # cnn_l is the digits teacher, cnn_s the digits student: same shape of network, a quarter of the width, so
 # attention transfer applies between them as between WRN-16-2 and WRN-16-1.
-MODELS.register("cnn_l", kind="classifier", family="cnn")(
+MODELS.register("cnn_l", kind="classifier")(
     lambda num_classes, shape, mean, std: SmallCNN((32, 64, 128), num_classes, shape, mean, std)
 )
-MODELS.register("cnn_s", kind="classifier", family="cnn")(
+MODELS.register("cnn_s", kind="classifier")(
     lambda num_classes, shape, mean, std: SmallCNN((16, 32, 64), num_classes, shape, mean, std)
 )

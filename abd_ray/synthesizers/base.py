@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from abd_ray.data import DataBundle
@@ -430,78 +429,3 @@ def balanced_labels(n: int, num_classes: int, gen_cpu: torch.Generator, device: 
     """``n`` labels with every class as equally often as ``n`` allows, in random order."""
     y = torch.arange(n) % num_classes
     return y[torch.randperm(n, generator=gen_cpu)].to(device)
-
-
-def shift_flip(x: torch.Tensor, gen: torch.Generator, pad: int, flip: bool) -> torch.Tensor:
-    """Random integer translation by up to ``pad`` pixels (zero fill) and horizontal flip, per sample, in one op.
-
-    Equivalent to the usual pad-and-crop augmentation; done with one ``grid_sample`` (nearest, exact pixel
-    centres) so there is no per-sample loop and gradients flow to ``x``.
-    """
-    n, _, h, w = x.shape
-    if not pad and not flip:
-        return x
-    dev = x.device
-    dx = torch.randint(-pad, pad + 1, (n,), generator=gen, device=dev).float() if pad else torch.zeros(n, device=dev)
-    dy = torch.randint(-pad, pad + 1, (n,), generator=gen, device=dev).float() if pad else torch.zeros(n, device=dev)
-    sx = torch.ones(n, device=dev)
-    if flip:
-        sx = torch.where(torch.rand(n, generator=gen, device=dev) < 0.5, -sx, sx)
-    theta = torch.zeros(n, 2, 3, device=dev)
-    theta[:, 0, 0] = sx
-    theta[:, 1, 1] = 1.0
-    theta[:, 0, 2] = 2.0 * dx / w
-    theta[:, 1, 2] = 2.0 * dy / h
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid.to(x.dtype), mode="nearest", padding_mode="zeros", align_corners=False)
-
-
-def random_resized_crop(
-    src: torch.Tensor,
-    n: int,
-    out_hw: tuple[int, int],
-    gen: torch.Generator,
-    scale: tuple[float, float],
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    src_index: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``n`` random crops of ``src`` (B, C, H, W), each of area fraction in ``scale`` (log-uniform), resized to
-    ``out_hw`` with bilinear ``roi_align`` in one call (differentiable in ``src``).
-
-    Args:
-        src: source images.
-        n: crops to cut.
-        out_hw: output (H, W).
-        gen: random generator on ``src``'s device.
-        scale: (min, max) crop area as a fraction of the source image.
-        ratio: (min, max) aspect ratio (width / height), log-uniform.
-        src_index: which source image each crop comes from (default: crop i from image i mod B).
-    """
-    from torchvision.ops import roi_align
-
-    b, _, h, w = src.shape
-    dev = src.device
-    u = torch.rand(n, 3, generator=gen, device=dev)
-    log_s = math.log(scale[0]) + u[:, 0] * (math.log(scale[1]) - math.log(scale[0]))
-    log_r = math.log(ratio[0]) + u[:, 1] * (math.log(ratio[1]) - math.log(ratio[0]))
-    area = log_s.exp() * h * w
-    cw = (area * log_r.exp()).sqrt().clamp(1.0, w)
-    ch = (area / log_r.exp()).sqrt().clamp(1.0, h)
-    u2 = torch.rand(n, 2, generator=gen, device=dev)
-    x1 = u2[:, 0] * (w - cw)
-    y1 = u2[:, 1] * (h - ch)
-    idx = src_index if src_index is not None else torch.arange(n, device=dev) % b
-    boxes = torch.stack([idx.to(dev).float(), x1, y1, x1 + cw, y1 + ch], dim=1)
-    return roi_align(src, boxes.to(src.dtype), out_hw, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-
-
-def unchanged_by(aug: dict[str, Any]) -> bool:
-    """Whether ``shift_flip(x, gen, **aug)`` returns ``x`` as it is (no shift, no flip)."""
-    return not aug["pad"] and not aug["flip"]
-
-
-def kd_augment(data: DataBundle) -> dict[str, Any]:
-    """The standard KD-time augmentation of a dataset: pad-4 crop (+ flip on CIFAR); none on 8x8 digits."""
-    if data.shape[1] < 16:
-        return {"pad": 0, "flip": False}  # a shift of a pixel is an eighth of a digit: it would change the class
-    return {"pad": 4, "flip": data.name in ("cifar10", "cifar100")}

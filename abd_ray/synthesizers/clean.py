@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from abd_ray.data.augment import kd_augment, shift_flip, unchanged_by
 from abd_ray.registry import SYNTHESIZERS
-from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer, kd_augment, shift_flip, unchanged_by
+from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer
 
 
 @SYNTHESIZERS.register("clean", paper="Hong et al., ICML 2023 (clean-KD reference)")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from abd_ray.data.augment import random_resized_crop
 from abd_ray.losses import info_nce, masked_adversarial
 from abd_ray.models import build_model
 from abd_ray.registry import SYNTHESIZERS
@@ -27,7 +28,6 @@ from abd_ray.synthesizers.base import (
     SynthContext,
     Synthesizer,
     balanced_labels,
-    random_resized_crop,
 )
 from abd_ray.synthesizers.deepinversion import BankSynthesizer
 

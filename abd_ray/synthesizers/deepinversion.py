@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from abd_ray.data.augment import kd_augment, shift_flip, unchanged_by
 from abd_ray.losses import js_divergence, total_variation
 from abd_ray.registry import SYNTHESIZERS
 from abd_ray.synthesizers.base import (
@@ -29,9 +30,6 @@ from abd_ray.synthesizers.base import (
     Synthesizer,
     balanced_labels,
     frozen,
-    kd_augment,
-    shift_flip,
-    unchanged_by,
 )
 
 

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from abd_ray.data.augment import random_resized_crop, shift_flip
 from abd_ray.registry import SYNTHESIZERS
-from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer, random_resized_crop, shift_flip
+from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
