@@ -389,3 +389,12 @@ def test_unaugmented_stored_samples_reuse_teacher_and_suspect_outputs(name, defe
     assert rows == [] and torch.equal(again.t_logits, batch.t_logits)
     sv._build(draw_permutations(toy_teacher, sv.layers, 2, torch.Generator().manual_seed(5)))
     assert len(sv._memo) == 0  # new permutations: the old suspect's rows are gone
+
+
+def test_kl_rows_is_the_kl_divergence_in_each_form():
+    p, q = torch.randn(6, 5), torch.randn(6, 5)
+    log_p, log_q = torch.log_softmax(p, 1), torch.log_softmax(q, 1)
+    ref = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(1)
+    assert torch.allclose(losses.kl_rows(log_p, log_q), ref, atol=1e-6)
+    assert torch.equal(losses.kl_rows(log_p, q_logits=q), losses.kl_rows(log_p, log_q))
+    assert torch.allclose(losses.kl_rows(log_p, log_q, over_classes="mean"), ref / 5, atol=1e-6)

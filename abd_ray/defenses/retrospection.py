@@ -27,6 +27,7 @@ from torch import nn
 from abd_ray.defenses._params import as_choice, as_float, as_int
 from abd_ray.defenses.base import Defense
 from abd_ray.defenses.hypergrad import fixed_point_hypergrad
+from abd_ray.losses import kl_rows
 from abd_ray.registry import DEFENSES
 
 # delta "starts at zero"; but zero is an exact minimum of the divergence, where its gradient vanishes and Adam
@@ -44,8 +45,7 @@ def _apply(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """Per-sample ``KL(softmax(p) || softmax(q))``."""
-    log_p = F.log_softmax(p_logits, dim=1)
-    return (log_p.exp() * (log_p - F.log_softmax(q_logits, dim=1))).sum(1)
+    return kl_rows(F.log_softmax(p_logits, dim=1), q_logits=q_logits)
 
 
 class _EvalNoStats:

@@ -29,6 +29,7 @@ from torch import nn
 
 from abd_ray.defenses._params import as_bool, as_choice, as_float, as_int
 from abd_ray.defenses.base import Defense
+from abd_ray.losses import kl_rows
 from abd_ray.memo import RowMemo
 from abd_ray.models import conv_layers
 from abd_ray.registry import DEFENSES
@@ -166,7 +167,7 @@ def suspect_divergence(t_logits: torch.Tensor, u_logits: torch.Tensor) -> torch.
     """``d_i``: the mean over classes of the terms of ``KL(softmax(t_i) || softmax(u_i))`` (shape (N,))."""
     log_t = F.log_softmax(t_logits, dim=1)
     log_u = F.log_softmax(u_logits, dim=1)
-    return (log_t.exp() * (log_t - log_u)).mean(1)
+    return kl_rows(log_t, log_u, over_classes="mean")
 
 
 def masked_divergence_term(
@@ -224,7 +225,7 @@ def log10_kl(t_logits: torch.Tensor, u_logits: torch.Tensor) -> torch.Tensor:
     """Per-sample ``log10 KL(softmax(t) || softmax(u))`` in float64; an exact 0 is floored at 1e-30."""
     log_t = F.log_softmax(t_logits.double(), dim=1)
     log_u = F.log_softmax(u_logits.double(), dim=1)
-    kl = (log_t.exp() * (log_t - log_u)).sum(1).clamp_min(1e-30)
+    kl = kl_rows(log_t, log_u).clamp_min(1e-30)
     return kl.log10()
 
 
