@@ -10,14 +10,14 @@ import torch
 from abd_ray import losses
 from abd_ray.data import load_dataset
 from abd_ray.defenses import Defense
-from abd_ray.defenses.vaccine import draw_permutations
+from abd_ray.defenses.shuffle import draw_permutations
 from abd_ray.memo import RowMemo
 from abd_ray.models import build_model
 from abd_ray.registry import SYNTHESIZERS
-from abd_ray.synthesizers import SynthContext, synthesizer_class
-from abd_ray.synthesizers.base import BNStats, MemoryBank, frozen
+from abd_ray.synthesizers import Batch, SynthContext, Synthesizer, synthesizer_class
+from abd_ray.synthesizers.parts import BNStats, MemoryBank, frozen
 
-ALL = ["clean", "cmi", "dafl", "deepinversion", "dfad", "ood", "zskt"]
+ALL = SYNTHESIZERS.names()
 # Tiny budgets so that a whole synthesizer test takes a second or two.
 TINY = {"deepinversion": {"iters": 4, "round_every": 3}, "cmi": {"g_steps": 4, "round_every": 3, "n_neg": 32}}
 PIXEL_RANGE = {"clean", "deepinversion", "ood"}  # inputs clamped to [0, 1]; generators' outputs are unbounded
@@ -67,13 +67,13 @@ def make(name, teacher, params=None, steps=10, seed=0):
 
 
 def test_registry_holds_every_synthesizer():
-    assert SYNTHESIZERS.names() == ALL
+    assert {"clean", "cmi", "dafl", "deepinversion", "dfad", "ood", "zskt"} <= set(ALL)
     for name in ALL:
         cls = synthesizer_class(name)
         assert cls.name == name and cls.paper and cls.__module__.startswith("abd_ray.synthesizers")
         doc = __import__(cls.__module__, fromlist=["x"]).__doc__
         assert doc and any(ch.isdigit() for ch in doc), f"{name}: module docstring must cite its paper and year"
-    with pytest.raises(ValueError, match="known synthesizers: clean, cmi, dafl"):
+    with pytest.raises(ValueError, match="known synthesizers: clean, cmi"):
         synthesizer_class("nope")
 
 
@@ -346,14 +346,14 @@ def test_fixed_data_batches_carry_teacher_features_to_the_vaccine(name, toy_teac
         synth.aug = {"pad": 1, "flip": True}
     ctx.defense = build_defense("sv", {"fixed_mode": "capped"})
     ctx.defense.bind(toy_teacher, ctx.student, ctx.shape, 10, 10, torch.Generator().manual_seed(0), fixed_data=True)
-    batch = next(iter(synth.batches(0)))
+    batch = next(iter(synth.student_batches(0)))
     assert batch.t_feats is not None and len(batch.t_feats) >= ctx.defense.suspect.start
     per = torch.rand(len(batch.x))
-    with_feats = ctx.defense_loss(per, batch)
-    without = ctx.defense.student_loss(per, batch.x, batch.t_logits)
+    with_feats = ctx.defense.student_loss(per, batch)
+    without = ctx.defense.student_loss(per, Batch(batch.x, batch.t_logits))
     assert torch.allclose(with_feats, without, atol=1e-6)
-    ctx.defense = Defense()  # a defense without t_feats in its hook: no features computed
-    assert ctx.fixed_batch(batch.x).t_feats is None
+    ctx.defense = Defense()  # a defense that does not want the teacher's features: none computed
+    assert synth.fixed_batch(batch.x).t_feats is None
 
 
 @pytest.mark.parametrize("name", ["clean", "deepinversion", "cmi"])
@@ -370,20 +370,20 @@ def test_unaugmented_stored_samples_reuse_teacher_and_suspect_outputs(name, defe
     assert sv.active
     seen = set()
     for step in range(4):
-        batch = next(iter(synth.batches(step)))
+        batch = next(iter(synth.student_batches(step)))
         assert batch.keys is not None and batch.t_feats is None
         with torch.no_grad():
             assert torch.allclose(batch.t_logits, toy_teacher(batch.x), atol=1e-5)
         per = torch.rand(len(batch.x))
-        memo_loss = ctx.defense_loss(per, batch)
-        assert torch.allclose(memo_loss, sv.student_loss(per, batch.x, batch.t_logits), atol=1e-6)
+        memo_loss = ctx.defense.student_loss(per, batch)
+        assert torch.allclose(memo_loss, sv.student_loss(per, Batch(batch.x, batch.t_logits)), atol=1e-6)
         seen |= set(batch.keys.tolist())
-        assert len(sv._memo) == len(ctx.teacher_memo) == len(seen)
+        assert len(sv._memo) == len(synth.teacher_memo) == len(seen)
     rows = []
     hook = toy_teacher.register_forward_hook(lambda m, inp, out: rows.append(len(inp[0])))
     try:
-        again = ctx.fixed_batch(batch.x, batch.keys)  # every sample seen: neither model runs
-        ctx.defense_loss(per, again)
+        again = synth.fixed_batch(batch.x, batch.keys)  # every sample seen: neither model runs
+        ctx.defense.student_loss(per, again)
     finally:
         hook.remove()
     assert rows == [] and torch.equal(again.t_logits, batch.t_logits)
@@ -398,3 +398,43 @@ def test_kl_rows_is_the_kl_divergence_in_each_form():
     assert torch.allclose(losses.kl_rows(log_p, log_q), ref, atol=1e-6)
     assert torch.equal(losses.kl_rows(log_p, q_logits=q), losses.kl_rows(log_p, log_q))
     assert torch.allclose(losses.kl_rows(log_p, log_q, over_classes="mean"), ref / 5, atol=1e-6)
+
+
+class _Probe(Defense):
+    """Stands for the vaccine: a generator term, and a student loss that acts on fixed data only (as SV's does);
+    each records when a backward pass goes through it."""
+
+    def bind(self, teacher, student, shape, num_classes, total_steps, generator, *, fixed_data):
+        self.fixed_data, self.reached = fixed_data, set()
+
+    def _probe(self, t, where):
+        t.register_hook(lambda g: self.reached.add(where))
+        return t
+
+    def generator_term(self, batch):
+        return self._probe(batch.x.float().sum() * 0.0, "generator")
+
+    def student_loss(self, per_sample, batch):
+        return self._probe(per_sample.mean() * 1.0, "student") if self.fixed_data else per_sample.mean()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_defense_term_reaches_every_synthesizers_generator_or_student_loss(name, toy_teacher):
+    synth, ctx = make(name, toy_teacher)
+    ctx.defense = _Probe()
+    ctx.defense.bind(toy_teacher, ctx.student, ctx.shape, 10, 10, torch.Generator(), fixed_data=type(synth).fixed_data)
+    for batch in synth.student_batches(0):
+        out = ctx.student(batch.x, return_features=synth.needs_features)
+        s_logits, s_feats = out if isinstance(out, tuple) else (out, None)
+        synth.batch_loss(s_logits, s_feats, batch)[0].backward()
+    assert ctx.defense.reached & {"generator", "student"}, f"{name}: the defense never reached a loss"
+
+
+def test_a_generator_fed_synthesizer_that_skips_the_defense_term_fails_at_once(toy_teacher):
+    class Forgetful(Synthesizer):
+        def batches(self, step):
+            yield Batch(torch.zeros(2, 1, 8, 8), torch.zeros(2, 10))
+
+    _, ctx = make("zskt", toy_teacher)
+    with pytest.raises(RuntimeError, match="add_defense_term"):
+        next(Forgetful(ctx).student_batches(0))

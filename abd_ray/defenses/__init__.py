@@ -8,7 +8,7 @@ from abd_ray.defenses.abd import ABD
 from abd_ray.defenses.base import Defense, build_defense
 from abd_ray.defenses.hypergrad import fixed_point_hypergrad
 from abd_ray.defenses.retrospection import SelfRetrospection
-from abd_ray.defenses.vaccine import ShufflingVaccine, detection_diagnostics
+from abd_ray.defenses.vaccine import ShufflingVaccine
 
 __all__ = [
     "ABD",
@@ -16,6 +16,5 @@ __all__ = [
     "SelfRetrospection",
     "ShufflingVaccine",
     "build_defense",
-    "detection_diagnostics",
     "fixed_point_hypergrad",
 ]

@@ -19,11 +19,10 @@ from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer
 from abd_ray.synthesizers.zskt import GenerativeSynthesizer
 
 
-@SYNTHESIZERS.register("dafl", paper="Chen et al., ICCV 2019", generative=True)
+@SYNTHESIZERS.register("dafl")
 class DAFL(GenerativeSynthesizer):
     """Generator trained for one-hot, activation and information-entropy losses on the teacher."""
 
-    name = "dafl"
     paper = "Chen et al., Data-Free Learning of Student Networks, ICCV 2019"
     defaults = {
         "z_dim": 100,  # DAFL: latent size 100 (MNIST); the CIFAR recipe used 1000
