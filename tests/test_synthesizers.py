@@ -10,7 +10,6 @@ import torch
 from abd_ray import losses
 from abd_ray.data import load_dataset
 from abd_ray.defenses import Defense
-from abd_ray.defenses.shuffle import draw_permutations
 from abd_ray.memo import RowMemo
 from abd_ray.models import build_model
 from abd_ray.registry import SYNTHESIZERS
@@ -368,6 +367,16 @@ def test_unaugmented_stored_samples_reuse_teacher_and_suspect_outputs(name, defe
     ctx.defense.bind(toy_teacher, ctx.student, ctx.shape, 10, 10, torch.Generator().manual_seed(0), fixed_data=True)
     sv = getattr(ctx.defense, "sv", ctx.defense)
     assert sv.active
+
+    def loss_and_suspect_rows(per, batch):
+        """The defense's student loss on ``batch``, and how many rows the suspect computed for it."""
+        rows = []
+        hook = sv.suspect.register_forward_hook(lambda m, inp, out: rows.append(len(inp[0])))
+        try:
+            return ctx.defense.student_loss(per, batch), sum(rows)
+        finally:
+            hook.remove()
+
     seen = set()
     for step in range(4):
         batch = next(iter(synth.student_batches(step)))
@@ -375,20 +384,24 @@ def test_unaugmented_stored_samples_reuse_teacher_and_suspect_outputs(name, defe
         with torch.no_grad():
             assert torch.allclose(batch.t_logits, toy_teacher(batch.x), atol=1e-5)
         per = torch.rand(len(batch.x))
-        memo_loss = ctx.defense.student_loss(per, batch)
-        assert torch.allclose(memo_loss, sv.student_loss(per, Batch(batch.x, batch.t_logits)), atol=1e-6)
+        misses = [k for k in batch.keys.tolist() if k not in seen]  # a key drawn twice unseen is computed twice
+        loss, rows = loss_and_suspect_rows(per, batch)
+        assert rows == len(misses)
+        assert torch.allclose(loss, sv.student_loss(per, Batch(batch.x, batch.t_logits)), atol=1e-6)
         seen |= set(batch.keys.tolist())
-        assert len(sv._memo) == len(synth.teacher_memo) == len(seen)
+        assert len(synth.teacher_memo) == len(seen)
     rows = []
     hook = toy_teacher.register_forward_hook(lambda m, inp, out: rows.append(len(inp[0])))
     try:
         again = synth.fixed_batch(batch.x, batch.keys)  # every sample seen: neither model runs
-        ctx.defense.student_loss(per, again)
+        assert loss_and_suspect_rows(per, again)[1] == 0
     finally:
         hook.remove()
     assert rows == [] and torch.equal(again.t_logits, batch.t_logits)
-    sv._build(draw_permutations(toy_teacher, sv.layers, 2, torch.Generator().manual_seed(5)))
-    assert len(sv._memo) == 0  # new permutations: the old suspect's rows are gone
+    other = build_defense(defense, {"fixed_mode": "capped"})
+    other.bind(toy_teacher, ctx.student, ctx.shape, 10, 10, torch.Generator().manual_seed(5), fixed_data=True)
+    ctx.defense.load_state_dict(other.state_dict())  # other permutations: the old suspect's rows are gone
+    assert loss_and_suspect_rows(per, again)[1] == len(again.x)
 
 
 def test_kl_rows_is_the_kl_divergence_in_each_form():

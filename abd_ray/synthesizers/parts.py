@@ -155,7 +155,7 @@ class MemoryBank:
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.x = None if state["x"] is None else state["x"].to(device)
-        self.dropped = int(state.get("dropped", 0))  # states written before serial numbers: none dropped
+        self.dropped = int(state.get("dropped", 0))  # a state without serial numbers: none dropped
 
 
 def balanced_labels(n: int, num_classes: int, gen_cpu: torch.Generator, device: torch.device) -> torch.Tensor:
