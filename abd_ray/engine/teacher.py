@@ -34,6 +34,7 @@ from abd_ray.data import DataBundle, load_dataset
 from abd_ray.engine.repro import environment, environment_differences, fixed_float_order
 from abd_ray.metrics import evaluate
 from abd_ray.models import build_model
+from abd_ray.registry import ATTACKS
 
 # Bump when the training recipe changes, so cached teachers of the old recipe are not reused.
 RECIPE_VERSION = 1
@@ -180,7 +181,7 @@ def _train_teacher(
     if spec.attack.active:
         trigger = make_trigger(spec.attack, data.shape)
         adversary = None
-        if spec.attack.name == "cl":
+        if ATTACKS.meta(spec.attack.name).get("adversarial"):
             # Label-consistent attack: PGD on a clean model of the same recipe makes target images hard.
             torch.manual_seed(spec.seed + 1)
             clean = build_model(spec.arch, num_classes=data.num_classes, shape=data.shape, mean=data.mean, std=data.std)
