@@ -1,9 +1,12 @@
 """Defenses against backdoor transfer: none, and ABD's Shuffling Vaccine (sv), Self-Retrospection (sr), both (abd).
 
-Hong et al., "Revisiting Data-Free Knowledge Distillation with Poisoned Teachers", ICML 2023.
+Hong et al., "Revisiting Data-Free Knowledge Distillation with Poisoned Teachers", ICML 2023. Every module of this
+package is imported here, so a new defense is one new file that registers itself.
 """
 
-from abd_ray.defenses import abd, retrospection, vaccine  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from abd_ray.defenses.abd import ABD
 from abd_ray.defenses.base import Defense, build_defense
 from abd_ray.defenses.hypergrad import fixed_point_hypergrad
@@ -18,3 +21,6 @@ __all__ = [
     "build_defense",
     "fixed_point_hypergrad",
 ]
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")  # registration
