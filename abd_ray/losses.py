@@ -30,6 +30,29 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction={reduction!r}; allowed: {', '.join(_REDUCTIONS)}")
 
 
+def kl_rows(
+    log_p: torch.Tensor,
+    log_q: torch.Tensor | None = None,
+    *,
+    q_logits: torch.Tensor | None = None,
+    over_classes: str = "sum",
+) -> torch.Tensor:
+    """Per-sample ``KL(p || q)`` from log-probabilities (N, K), the one KL of the package.
+
+    Args:
+        log_p: ``log p`` (N, K).
+        log_q: ``log q`` (N, K); or give ``q_logits`` instead, whose log-softmax is then taken after ``exp(log_p)``
+            (the op order Self-Retrospection's graphs are built in, kept so that its gradients stay bit-identical).
+        over_classes: ``sum`` (the divergence) or ``mean`` (the mean of its per-class terms, the vaccine's ``d``).
+    """
+    p = log_p.exp()
+    if log_q is None:
+        assert q_logits is not None, "give log_q or q_logits"
+        log_q = F.log_softmax(q_logits, dim=1)
+    terms = p * (log_p - log_q)
+    return terms.sum(1) if over_classes == "sum" else terms.mean(1)
+
+
 def kd_divergence(
     s_logits: torch.Tensor, t_logits: torch.Tensor, T: float = 1.0, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -46,7 +69,7 @@ def kd_divergence(
     """
     log_p_s = F.log_softmax(s_logits.float() / T, dim=1)
     log_p_t = F.log_softmax(t_logits.float() / T, dim=1)
-    per = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1) * (T * T)
+    per = kl_rows(log_p_t, log_p_s) * (T * T)
     return _reduce(per, reduction)
 
 

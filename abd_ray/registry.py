@@ -11,10 +11,13 @@ class Registry:
 
     Args:
         kind: what the registry holds ("dataset", "attack", ...); used in error messages.
+        names_classes: give each registered class its registry name as its ``name`` attribute, so that the
+            name is written once (in the decorator) and the class's messages can still say it.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, names_classes: bool = False) -> None:
         self.kind = kind
+        self.names_classes = names_classes
         self._items: dict[str, Any] = {}
         self._meta: dict[str, dict[str, Any]] = {}
 
@@ -26,6 +29,8 @@ class Registry:
                 raise ValueError(f"{self.kind} {name!r} is registered twice; pick another name")
             self._items[name] = obj
             self._meta[name] = dict(meta)
+            if self.names_classes and isinstance(obj, type):
+                obj.name = name
             return obj
 
         return deco
@@ -61,21 +66,14 @@ class Registry:
 DATASETS = Registry("dataset")
 ATTACKS = Registry("attack")
 MODELS = Registry("model")
-SYNTHESIZERS = Registry("synthesizer")
-DEFENSES = Registry("defense")
+SYNTHESIZERS = Registry("synthesizer", names_classes=True)
+DEFENSES = Registry("defense", names_classes=True)
 
 
 def load_all() -> None:
     """Import every component module so that the registries are full."""
     import abd_ray.attacks  # noqa: F401
     import abd_ray.data  # noqa: F401
+    import abd_ray.defenses  # noqa: F401
     import abd_ray.models  # noqa: F401
-
-    try:
-        import abd_ray.synthesizers  # noqa: F401
-    except ImportError:  # pragma: no cover - present once the synthesizers land
-        pass
-    try:
-        import abd_ray.defenses  # noqa: F401
-    except ImportError:  # pragma: no cover
-        pass
+    import abd_ray.synthesizers  # noqa: F401

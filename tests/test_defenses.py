@@ -12,22 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from abd_ray.defenses import build_defense
+from abd_ray.defenses.diagnostics import detection_diagnostics, roc_auc
 from abd_ray.defenses.hypergrad import fixed_point_hypergrad
-from abd_ray.defenses.vaccine import (
-    ShuffledEnsemble,
-    check_suspect,
-    detection_diagnostics,
-    draw_permutations,
-    masked_divergence_term,
-    resolve_shuffled_layers,
-    reweighted_loss,
-    roc_auc,
-    suspect_divergence,
-    suspect_mask,
-    tail_ratio,
-)
+from abd_ray.defenses.shuffle import ShuffledEnsemble, draw_permutations, resolve_shuffled_layers
+from abd_ray.defenses.vaccine_check import check_suspect, tail_ratio
+from abd_ray.defenses.vaccine_math import masked_divergence_term, reweighted_loss, suspect_divergence, suspect_mask
 from abd_ray.models import build_model, conv_layers
 from abd_ray.registry import DEFENSES
+from abd_ray.synthesizers import Batch
 
 
 def _cnn(name: str = "cnn_l", seed: int = 0, shape=(1, 8, 8)) -> nn.Module:
@@ -88,7 +80,7 @@ def test_shuffled_copies_differ_only_in_input_channel_order_of_chosen_layers(k):
 def test_suspect_shares_the_unshuffled_trunk_and_equals_the_full_copies(arch):
     """The suspect runs the stages before the first shuffled one once (or takes them from the teacher's features)
     and gives the mean of the full shuffled copies' logits, with the same input gradient."""
-    from abd_ray.defenses.vaccine import first_shuffled_stage
+    from abd_ray.defenses.shuffle import first_shuffled_stage
 
     torch.manual_seed(0)
     teacher = build_model(arch, num_classes=10, shape=(3, 8, 8), mean=(0.5,) * 3, std=(0.25,) * 3).eval()
@@ -119,7 +111,7 @@ def test_n_shuf_layer_beyond_the_models_convolutions_is_refused_at_bind(k):
     d = build_defense("sv", {"n_shuf_layer": k})
     teacher = _cnn()
     with pytest.raises(ValueError, match=r"n_shuf_layer=.*3 convolutions"):
-        d.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0))
+        d.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0), fixed_data=False)
 
 
 # --- mask and divergence ---------------------------------------------------------------------------------------------
@@ -177,13 +169,13 @@ def test_generator_term_gradient_flows_through_the_suspect_only_when_allowed():
     grads = {}
     for no_grad in (False, True):
         d = build_defense("sv", {"no_shuf_grad": no_grad, "coef": 1.0})
-        d.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0))
+        d.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0), fixed_data=False)
         t_logits = teacher(x).detach()  # isolate the suspect's part of the gradient
         # force every sample to be masked so the term is non-zero: use the suspect's own argmax as the teacher's
         with torch.no_grad():
             u = d.suspect(x)
         t_logits = t_logits + 100 * F.one_hot(u.argmax(1), 10)
-        term = d.generator_term(x, t_logits)
+        term = d.generator_term(Batch(x, t_logits))
         assert term is not None and float(term.detach()) < 0
         grads[no_grad] = term.requires_grad
     assert grads == {False: True, True: False}
@@ -196,8 +188,8 @@ def test_student_loss_reweights_only_on_fixed_data():
         t = teacher(x)
     per = torch.rand(32)
     gen_mode = build_defense("sv")
-    gen_mode.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0))
-    assert torch.equal(gen_mode.student_loss(per, x, t), per.mean())
+    gen_mode.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0), fixed_data=False)
+    assert torch.equal(gen_mode.student_loss(per, Batch(x, t)), per.mean())
     fixed = build_defense("sv")
     fixed.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0), fixed_data=True)
     with torch.no_grad():
@@ -209,12 +201,12 @@ def test_student_loss_reweights_only_on_fixed_data():
     assert m.tolist() == [True] * 16 + [False] * 16
     assert fixed.params["fixed_mode"] == "capped"  # the default
     want = per[~m].mean() - fixed.params["coef"] * per[m].clamp(max=math.log(10)).mean()  # auto cap: log(classes)
-    assert torch.allclose(fixed.student_loss(per, x, t), want)
+    assert torch.allclose(fixed.student_loss(per, Batch(x, t)), want)
     for mode in ("drop", "capped", "ascent"):
         d = build_defense("sv", {"fixed_mode": mode})
         d.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0), fixed_data=True)
         want = reweighted_loss(per, m, d.params["coef"], mode, cap=math.log(10))  # auto cap: log(classes)
-        assert torch.allclose(d.student_loss(per, x, t), want)
+        assert torch.allclose(d.student_loss(per, Batch(x, t)), want)
     assert 0.0 <= fixed.metrics()["sv_masked_frac"] <= 1.0
 
 
@@ -281,11 +273,11 @@ def test_vaccine_check_through_observe_accepts_then_reports_and_rejects_a_bad_su
 
     teacher = _Marked()
     d = build_defense("sv", {"pseudo_test_batches": 8, "check_skip": 2, "n_shuf_layer": 1, "n_shuf_ens": 1})
-    d.bind(teacher, teacher, (4, 2, 2), 4, 100, torch.Generator().manual_seed(1))
-    assert d.metrics()["sv_active"] == 0.0 and d.generator_term(torch.rand(2, 4, 2, 2), torch.rand(2, 4)) is None
+    d.bind(teacher, teacher, (4, 2, 2), 4, 100, torch.Generator().manual_seed(1), fixed_data=False)
+    assert d.metrics()["sv_active"] == 0.0 and d.generator_term(Batch(torch.rand(2, 4, 2, 2), torch.rand(2, 4))) is None
     for i, x in enumerate(batches()):
         with torch.no_grad():
-            d.observe(x, teacher(x), i)
+            d.observe(Batch(x, teacher(x)), i)
     m = d.metrics()
     assert m["sv_check_done"] == 1.0
     # the marker samples form the low tail: the check accepts (a re-draw may be needed when a permutation
@@ -295,13 +287,13 @@ def test_vaccine_check_through_observe_accepts_then_reports_and_rejects_a_bad_su
 
     bad = _Marked(identical=True)  # every permutation leaves the model as it is: nothing separates
     d = build_defense("sv", {"pseudo_test_batches": 4, "check_skip": 0, "n_shuf_layer": 1})
-    d.bind(bad, bad, (4, 2, 2), 4, 100, torch.Generator().manual_seed(1))
+    d.bind(bad, bad, (4, 2, 2), 4, 100, torch.Generator().manual_seed(1), fixed_data=False)
     for i, x in enumerate(batches(4)):
         with torch.no_grad():
-            d.observe(x, bad(x), i)
+            d.observe(Batch(x, bad(x)), i)
     m = d.metrics()
     assert m["sv_check_accepted"] == 0.0 and m["sv_active"] == 0.0 and m["sv_check_tries"] == 8.0
-    assert d.generator_term(torch.rand(2, 4, 2, 2), torch.rand(2, 4)) is None
+    assert d.generator_term(Batch(torch.rand(2, 4, 2, 2), torch.rand(2, 4))) is None
 
 
 def test_detection_diagnostics_and_auc():
@@ -371,6 +363,31 @@ def test_registry_holds_every_defense_and_abd_routes_its_keys():
     assert build_defense("sv").stage2_start(1000) is None
 
 
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_every_defense_runs_its_hooks_and_resumes_from_its_state(name):
+    """Every registered defense, at its defaults, on generator batches and on fixed data: the hooks return a finite
+    loss, and a copy bound the same way and loaded from the state gives the same student loss."""
+    teacher = _cnn()
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        batch = Batch(x, teacher(x))
+    per = torch.rand(16, generator=torch.Generator().manual_seed(1))
+    for fixed_data in (False, True):
+        d, e = build_defense(name), build_defense(name)
+        for defense in (d, e):
+            defense.check_teacher(teacher)
+            defense.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0),
+                         fixed_data=fixed_data)
+        d.observe(batch, 0)
+        term = d.generator_term(Batch(x.clone().requires_grad_(True), batch.t_logits))
+        assert term is None or torch.isfinite(term)
+        loss = d.student_loss(per, batch)
+        assert loss.dim() == 0 and torch.isfinite(loss)
+        e.load_state_dict(copy.deepcopy(d.state_dict()))
+        assert torch.equal(e.student_loss(per, batch), loss)
+        assert all(math.isfinite(v) for v in d.metrics().values())
+
+
 @pytest.mark.parametrize(
     "name, params, match",
     [
@@ -400,11 +417,11 @@ def test_bad_hyperparameters_give_clear_errors(name, params, match):
 def test_state_dict_round_trip_restores_the_suspect():
     teacher = _cnn()
     a = build_defense("abd")
-    a.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(5))
+    a.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(5), fixed_data=False)
     state = copy.deepcopy(a.state_dict())
     b = build_defense("abd")
-    b.load_state_dict(state)  # before bind, as well as after: applied at bind
-    b.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(99))
+    b.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(99), fixed_data=False)
+    b.load_state_dict(state)  # as a resumed run does: after bind
     x = torch.rand(8, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(a.sv.suspect(x), b.sv.suspect(x))
@@ -429,7 +446,7 @@ def test_perturbation_search_flips_predictions_and_sr_adds_its_gradient_only_in_
     x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     sr = build_defense("sr", {"sr_start": 0.5, "inner_round": 3, "K": 2})
     student.train()
-    sr.bind(teacher, student, (1, 8, 8), 10, 100, torch.Generator().manual_seed(0))
+    sr.bind(teacher, student, (1, 8, 8), 10, 100, torch.Generator().manual_seed(0), fixed_data=False)
     assert sr.stage2_start(100) == 50 and sr.stage2_lr() == 1e-4
     sr.add_student_grads(student, teacher, x, step=10)  # before the second stage: nothing
     assert all(p.grad is None for p in student.parameters())
@@ -478,7 +495,7 @@ def test_sr_lowers_the_asr_of_a_tiny_poisoned_student_where_plain_kd_does_not():
     for name in ("none", "sr"):
         student = copy.deepcopy(poisoned).train()
         defense = build_defense(name, {"sr_start": 0.0} if name == "sr" else {})
-        defense.bind(teacher, student, d.shape, 10, 30, torch.Generator().manual_seed(0))
+        defense.bind(teacher, student, d.shape, 10, 30, torch.Generator().manual_seed(0), fixed_data=False)
         opt = torch.optim.Adam(student.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(1)
         for step in range(30):

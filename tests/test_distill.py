@@ -9,7 +9,7 @@ import torch
 from abd_ray.config import RunConfig, TeacherSpec
 from abd_ray.defenses.base import Defense
 from abd_ray.engine.distill import DistillResult, check_config, distill, load_state, save_state
-from abd_ray.registry import DEFENSES
+from abd_ray.registry import DEFENSES, SYNTHESIZERS
 
 TINY = {"deepinversion": {"iters": 3, "round_every": 2}, "cmi": {"g_steps": 3, "round_every": 2, "n_neg": 32}}
 
@@ -123,21 +123,20 @@ def test_state_files_are_weights_only(tmp_path, teacher):
 class Recorder(Defense):
     """A defense that records every hook call the loop makes."""
 
-    name = "test_recorder"
     defaults = {"start": 3}
     calls: list = []
 
-    def bind(self, teacher, student, shape, num_classes, total_steps, generator=None):
-        Recorder.calls.append(("bind", total_steps))
+    def bind(self, teacher, student, shape, num_classes, total_steps, generator, *, fixed_data):
+        Recorder.calls.append(("bind", total_steps, fixed_data))
 
-    def observe(self, x, t_logits, step):
+    def observe(self, batch, step):
         Recorder.calls.append(("observe", step))
 
-    def generator_term(self, x, t_logits):
-        Recorder.calls.append(("generator_term", x.requires_grad))
-        return x.sum() * 0.0
+    def generator_term(self, batch):
+        Recorder.calls.append(("generator_term", batch.x.requires_grad))
+        return batch.x.sum() * 0.0
 
-    def student_loss(self, per_sample, x, t_logits):
+    def student_loss(self, per_sample, batch):
         Recorder.calls.append(("student_loss", tuple(per_sample.shape)))
         return per_sample.mean()
 
@@ -171,7 +170,7 @@ def test_every_defense_hook_is_called_where_documented(teacher):
         report=lambda m, s, g: lrs.append((s, m["lr_s"], g()["defense"])),
     )
     names = [c[0] for c in Recorder.calls]
-    assert names.count("bind") == 1 and Recorder.calls[0] == ("bind", 5)
+    assert names.count("bind") == 1 and Recorder.calls[0] == ("bind", 5, False)
     assert [c[1] for c in Recorder.calls if c[0] == "observe"] == [0, 1, 2, 3, 4]  # one batch per pseudo batch
     assert names.count("generator_term") == 5 and all(c[1] for c in Recorder.calls if c[0] == "generator_term")
     assert names.count("student_loss") == 10 and ("student_loss", (16,)) in Recorder.calls
@@ -186,8 +185,8 @@ def test_every_defense_hook_is_called_where_documented(teacher):
     assert all(isinstance(d, dict) and "n" in d for _, _, d in lrs)  # defense.state_dict() is in the loop state
 
 
-@pytest.mark.parametrize("synth", ["ood", "clean", "deepinversion", "dafl", "dfad"])
-def test_other_synthesizers_run_through_the_loop(synth, teacher):
+@pytest.mark.parametrize("synth", SYNTHESIZERS.names())
+def test_every_synthesizer_runs_through_the_loop(synth, teacher):
     res = distill(cfg_for(synth, steps=3), teacher=teacher, progress=False)
     assert all(v == v for k, v in res.metrics.items() if k not in ("asr", "robust_acc")), res.metrics
     assert res.samples.shape[1:] == (1, 8, 8)

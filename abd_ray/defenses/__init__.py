@@ -1,14 +1,17 @@
 """Defenses against backdoor transfer: none, and ABD's Shuffling Vaccine (sv), Self-Retrospection (sr), both (abd).
 
-Hong et al., "Revisiting Data-Free Knowledge Distillation with Poisoned Teachers", ICML 2023.
+Hong et al., "Revisiting Data-Free Knowledge Distillation with Poisoned Teachers", ICML 2023. Every module of this
+package is imported here, so a new defense is one new file that registers itself.
 """
 
-from abd_ray.defenses import abd, retrospection, vaccine  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from abd_ray.defenses.abd import ABD
 from abd_ray.defenses.base import Defense, build_defense
 from abd_ray.defenses.hypergrad import fixed_point_hypergrad
 from abd_ray.defenses.retrospection import SelfRetrospection
-from abd_ray.defenses.vaccine import ShufflingVaccine, detection_diagnostics
+from abd_ray.defenses.vaccine import ShufflingVaccine
 
 __all__ = [
     "ABD",
@@ -16,6 +19,8 @@ __all__ = [
     "SelfRetrospection",
     "ShufflingVaccine",
     "build_defense",
-    "detection_diagnostics",
     "fixed_point_hypergrad",
 ]
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")  # registration

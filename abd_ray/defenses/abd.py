@@ -8,7 +8,7 @@ component owns the key.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,14 +18,17 @@ from abd_ray.defenses.retrospection import SelfRetrospection
 from abd_ray.defenses.vaccine import ShufflingVaccine
 from abd_ray.registry import DEFENSES
 
+if TYPE_CHECKING:
+    from abd_ray.synthesizers.batch import Batch
+
 assert not set(ShufflingVaccine.defaults) & set(SelfRetrospection.defaults), "SV and SR keys must not overlap"
 
 
-@DEFENSES.register("abd", paper="Hong et al., ICML 2023", component="sv+sr")
+@DEFENSES.register("abd")
 class ABD(Defense):
     """Both plug-ins: every key of :class:`ShufflingVaccine` and of :class:`SelfRetrospection` is accepted."""
 
-    name = "abd"
+    wants_teacher_features = ShufflingVaccine.wants_teacher_features
     defaults: dict[str, Any] = {**ShufflingVaccine.defaults, **SelfRetrospection.defaults}
 
     def __init__(self, **params: Any) -> None:
@@ -45,30 +48,21 @@ class ABD(Defense):
         shape: tuple[int, int, int],
         num_classes: int,
         total_steps: int,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator,
         *,
-        fixed_data: bool = False,
+        fixed_data: bool,
     ) -> None:
         self.sv.bind(teacher, student, shape, num_classes, total_steps, generator, fixed_data=fixed_data)
         self.sr.bind(teacher, student, shape, num_classes, total_steps, generator, fixed_data=fixed_data)
 
-    def observe(self, x: torch.Tensor, t_logits: torch.Tensor, step: int) -> None:
-        self.sv.observe(x, t_logits, step)
+    def observe(self, batch: Batch, step: int) -> None:
+        self.sv.observe(batch, step)
 
-    def generator_term(
-        self, x: torch.Tensor, t_logits: torch.Tensor, t_feats: list[torch.Tensor] | None = None
-    ) -> torch.Tensor | None:
-        return self.sv.generator_term(x, t_logits, t_feats)
+    def generator_term(self, batch: Batch) -> torch.Tensor | None:
+        return self.sv.generator_term(batch)
 
-    def student_loss(
-        self,
-        per_sample: torch.Tensor,
-        x: torch.Tensor,
-        t_logits: torch.Tensor,
-        t_feats: list[torch.Tensor] | None = None,
-        keys: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.sv.student_loss(per_sample, x, t_logits, t_feats, keys)
+    def student_loss(self, per_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.sv.student_loss(per_sample, batch)
 
     def stage2_start(self, total_steps: int) -> int | None:
         return self.sr.stage2_start(total_steps)
@@ -81,10 +75,6 @@ class ABD(Defense):
 
     def metrics(self) -> dict[str, float]:
         return {**self.sv.metrics(), **self.sr.metrics()}
-
-    def diagnose(self, x_clean: torch.Tensor, x_poison: torch.Tensor) -> dict[str, float]:
-        """The vaccine's detection diagnostics (see :func:`abd_ray.defenses.vaccine.detection_diagnostics`)."""
-        return self.sv.diagnose(x_clean, x_poison)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sv": self.sv.state_dict(), "sr": self.sr.state_dict()}

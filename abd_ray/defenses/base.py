@@ -1,32 +1,41 @@
-"""The defense interface the distillation loop calls, and the ``none`` defense.
+"""The defense interface, and the ``none`` defense.
 
-The KD loop (``abd_ray.engine.distill``) calls these hooks and nothing else, so a defense plugs into every
-synthesizer:
+A defense plugs into every synthesizer because it is called in two places only: the KD loop calls ``bind``, the
+second-stage hooks and ``metrics``; the :class:`abd_ray.synthesizers.Synthesizer` base class calls the hooks that
+see batches (``observe``, ``generator_term``, ``student_loss``), each with the :class:`~abd_ray.synthesizers.Batch`
+(inputs, teacher logits, and the teacher's block outputs and sample keys where there are some). The hooks:
 
 - ``check_teacher``: before any compute, with the teacher's architecture (untrained), to refuse settings that do
   not fit it;
-- ``bind``: once, with the teacher, the student and the run's shape, before the first step; the keyword
-  ``fixed_data`` says whether the student's inputs are fixed or banked (ood, clean, deepinversion's and cmi's
-  banks: True) or fresh generator outputs (zskt, dfad, dafl: False, the default), which selects how the Shuffling
-  Vaccine acts (it reweights ``student_loss`` only on fixed or banked data; ``generator_term`` whenever called);
-- ``observe``: every synthesized batch with its teacher logits (the vaccine check collects here);
-- ``generator_term``: a term added to a generator's loss (generative synthesizers);
+- ``bind``: once, before the first step, with the teacher, the student, the run's shape and whether the student
+  trains on fixed or banked inputs (``fixed_data``: ood, clean, the banks of deepinversion and cmi) or on fresh
+  generator outputs (zskt, dfad, dafl);
+- ``observe``: every new batch, detached (the vaccine check collects here);
+- ``generator_term``: a term added to a generator's loss; the batch keeps its graph;
 - ``student_loss``: turns per-sample KD losses into the batch loss (fixed or banked data may reweight);
 - ``stage2_start`` / ``stage2_lr``: where a second stage starts, and its fresh learning rate (SR);
 - ``add_student_grads``: called after ``zero_grad`` and before the KD backward of a student step; may write
   gradients into the student's ``.grad`` (SR's hypergradient), which the KD gradient then adds to;
 - ``metrics``: extra metrics reported with every evaluation;
-- ``state_dict`` / ``load_state_dict``: what must survive a checkpoint.
+- ``state_dict`` / ``load_state_dict``: what must survive a checkpoint (loaded after ``bind``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from abd_ray.registry import DEFENSES
+
+if TYPE_CHECKING:
+    from abd_ray.synthesizers.batch import Batch
+
+
+def child_seed(generator: torch.Generator) -> int:
+    """A seed for a defense's own generator, drawn from the run's defense stream."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
 
 
 class Defense:
@@ -36,8 +45,10 @@ class Defense:
         **params: hyperparameters; an unknown key raises a ValueError listing the allowed ones.
     """
 
-    name = "none"
+    name = "none"  # set by the registry to each registered class's name
     defaults: dict[str, Any] = {}
+    # Whether a fixed-data batch should carry the teacher's block outputs to student_loss (computed only if asked).
+    wants_teacher_features: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
@@ -63,9 +74,9 @@ class Defense:
         shape: tuple[int, int, int],
         num_classes: int,
         total_steps: int,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator,
         *,
-        fixed_data: bool = False,
+        fixed_data: bool,
     ) -> None:
         """Attach to a run.
 
@@ -76,26 +87,18 @@ class Defense:
             num_classes: class count.
             total_steps: the run's step budget (the unit of ``step`` in the other hooks).
             generator: seeds any randomness the defense draws.
-            fixed_data: True when the student trains on fixed or banked inputs (ood, clean, deepinversion, cmi),
-                False when it trains on fresh generator outputs (zskt, dfad, dafl).
+            fixed_data: True when the student trains on fixed or banked inputs, False on fresh generator outputs.
         """
 
-    def observe(self, x: torch.Tensor, t_logits: torch.Tensor, step: int) -> None:
-        """See a synthesized batch (no gradient needed)."""
+    def observe(self, batch: Batch, step: int) -> None:
+        """See a new batch of the synthesizer (detached)."""
 
-    def generator_term(
-        self, x: torch.Tensor, t_logits: torch.Tensor, t_feats: list[torch.Tensor] | None = None
-    ) -> torch.Tensor | None:
-        """A term to add to a generator's loss, or None (``t_feats``: the teacher's features on ``x``; a plug-in may
-        leave the argument out)."""
+    def generator_term(self, batch: Batch) -> torch.Tensor | None:
+        """A term to add to a generator's loss on ``batch`` (whose ``x`` keeps its graph), or None."""
         return None
 
-    def student_loss(self, per_sample: torch.Tensor, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
-        """Batch loss from per-sample KD losses; the undefended mean by default. A defense that declares a
-        ``t_feats`` keyword gets the teacher's block outputs on ``x`` from fixed-data synthesizers (the vaccine
-        does); without it, none are kept. One that declares ``keys`` gets, where the rows of ``x`` are stored samples
-        fed unchanged (unaugmented ``clean`` and banks), each row's sample key (``abd_ray.memo.RowMemo``) and then
-        no ``t_feats``."""
+    def student_loss(self, per_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Batch loss from the per-sample KD losses on ``batch``; the undefended mean by default."""
         return per_sample.mean()
 
     def stage2_start(self, total_steps: int) -> int | None:

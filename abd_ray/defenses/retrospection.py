@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from abd_ray.defenses._params import as_choice, as_float, as_int
-from abd_ray.defenses.base import Defense
+from abd_ray.defenses.base import Defense, child_seed
 from abd_ray.defenses.hypergrad import fixed_point_hypergrad
+from abd_ray.losses import kl_rows
 from abd_ray.registry import DEFENSES
 
 # delta "starts at zero"; but zero is an exact minimum of the divergence, where its gradient vanishes and Adam
@@ -44,8 +45,7 @@ def _apply(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """Per-sample ``KL(softmax(p) || softmax(q))``."""
-    log_p = F.log_softmax(p_logits, dim=1)
-    return (log_p.exp() * (log_p - F.log_softmax(q_logits, dim=1))).sum(1)
+    return kl_rows(F.log_softmax(p_logits, dim=1), q_logits=q_logits)
 
 
 class _EvalNoStats:
@@ -181,7 +181,7 @@ def _kd_grad_norm(student: nn.Module, t: torch.Tensor, x: torch.Tensor, params: 
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in gs if g is not None)))
 
 
-@DEFENSES.register("sr", paper="Hong et al., ICML 2023", component="retrospection")
+@DEFENSES.register("sr")
 class SelfRetrospection(Defense):
     """Self-Retrospection, run as a second stage at the end of the budget.
 
@@ -196,33 +196,22 @@ class SelfRetrospection(Defense):
         K: fixed-point iterations of the hypergradient (paper: 5).
         fp_step: the fixed-point map's inner gradient-descent step (paper: 0.1).
         sup_resume_lr: the student's fresh learning rate for the second stage, cosine over what remains.
-            Default 1e-4; the paper used 5e-4, which on digits (where the first stage's cosine has fallen to
-            about 5e-5 by 90% of the budget) is a tenfold jump that, with SR's gradient, cost 30 points of
-            clean accuracy in a 600-step trial.
+            Default 1e-4 (paper: 5e-4, a tenfold jump over where the first stage's cosine has fallen on digits).
         hg_ref: the outer loss's reference: ``student`` (ALGORITHMS.md: ``KL(S(x) || S(x'))``) or ``teacher``
-            (``KL(T(x) || S(x'))``, I-BAU's form with the teacher's outputs as labels). Default ``teacher``:
-            with the student's own clean outputs as reference, the unperturbed 98% of the batch contribute
-            nothing and the bilevel objective is minimised by a student that ignores its input; on digits
-            that collapsed the student (clean_acc 78 -> 47 in a 600-step trial, with SV on). With the
-            teacher's outputs, those samples carry the KD loss into the outer objective and anchor it
-            (78 -> 73, asr 1.7, together with sup_resume_lr 1e-4).
+            (``KL(T(x) || S(x'))``, I-BAU's form with the teacher's outputs as labels). Default ``teacher``: with
+            the student's own outputs the unperturbed 98% of the batch contribute nothing, and a student that
+            ignores its input minimises the objective; the teacher's outputs anchor it with the KD loss.
         sr_max_ratio: the hypergradient is scaled down, when needed, to at most this multiple of the norm of the
-            batch's KD gradient ``KL(T(x) || S(x))``; None leaves it as it is (the paper). Default 0.3. On digits
-            (zskt / badnet_grid, seed 0, SV coef 4 in front) the raw hypergradient (norm ~4 against ~0.6 for KD)
-            made the second stage train on SR alone after the loop's clipping and Adam: clean_acc 97.6 -> 68.4,
-            asr 19.5 -> 5.4 (54-70 / 3-10 with pert_lr 0.02 or sup_resume_lr 5e-5). With 3 vaccine copies, ratio
-            1.0 gave 92.4 / 25.7 and 0.3 gave 96.9 / 32.1, against 97.3 / 22.2 for SV alone; with 6 copies, ratio
-            1.0 took 93.1 / 3.5 to 91.8 / 6.9 (pert_model teacher: 96.7 / 1.2 to 93.1 / 2.0). On synthetic
-            inputs SR's perturbation flips ~90% of the student's predictions without being the trigger, and
-            unlearning it costs clean accuracy. On a student with a real backdoor and real inputs it does what it
-            should: a cnn_s trained on poisoned digits (asr 100) loses most of it in 30 KD + SR steps at 0.3
-            (asr 46, 99 with KD alone; the test suite checks this).
+            batch's KD gradient ``KL(T(x) || S(x))``; None leaves it as it is (the paper). Default 0.3: on
+            synthetic inputs SR's perturbation flips most predictions without being the trigger, and the raw
+            hypergradient made the second stage train on SR alone.
         sr_start: where the second stage starts, as a fraction of the step budget in [0, 1]. Default 0.9: the
             paper resumed from the last few hundred of 80,000 pseudo batches; on digits' 3,000 steps the last
             10% leaves the retrospection enough steps to act.
+
+    The measurements behind these defaults are in ``docs/defaults.md``.
     """
 
-    name = "sr"
     defaults: dict[str, Any] = {
         "inner_round": 10,
         "pert_lr": 0.1,
@@ -254,13 +243,11 @@ class SelfRetrospection(Defense):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        self.teacher: nn.Module | None = None
         self.start_step = 0
         self._rng = torch.Generator()
         self.sr_steps = 0
         self._last: dict[str, float] = {"sr_outer": 0.0, "sr_pert_norm": 0.0, "sr_flip": 0.0, "sr_hg_norm": 0.0,
                                         "sr_scale": 1.0}
-        self._pending_state: dict[str, Any] | None = None
 
     def bind(
         self,
@@ -269,17 +256,12 @@ class SelfRetrospection(Defense):
         shape: tuple[int, int, int],
         num_classes: int,
         total_steps: int,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator,
         *,
-        fixed_data: bool = False,
+        fixed_data: bool,
     ) -> None:
-        self.teacher = teacher
         self.start_step = self.stage2_start(total_steps)
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        self._rng.manual_seed(seed)
-        if self._pending_state is not None:  # a checkpoint loaded before bind(): its RNG state wins
-            state, self._pending_state = self._pending_state, None
-            self.load_state_dict(state)
+        self._rng.manual_seed(child_seed(generator))
 
     def stage2_start(self, total_steps: int) -> int | None:
         return int(round(self.params["sr_start"] * total_steps))
@@ -338,8 +320,6 @@ class SelfRetrospection(Defense):
         return {"sr_steps": self.sr_steps, "rng": self._rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.teacher is None:
-            self._pending_state = state
         self.sr_steps = int(state.get("sr_steps", 0))
         if "rng" in state:
             self._rng.set_state(torch.as_tensor(state["rng"], dtype=torch.uint8))

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-# Convolutions on 8x8 inputs do not parallelise: on this project's two cores one thread ran a digits student step
-# as fast as two when the machine was idle (5 ms), and 25x faster when other processes were busy (OpenMP workers
-# spin-waiting for a core). So small inputs run single-threaded.
+# Convolutions on 8x8 inputs do not parallelise, and OpenMP workers spin-wait on a shared machine: small inputs
+# run single-threaded (the measurement is in docs/defaults.md).
 SMALL_INPUT = 1024
 # Larger inputs (32x32x3): a fixed count, so a teacher does not change with the machine's core count; two is what
 # this project's CPU figures were taken with, and a GPU run does its float work on the device anyway.

@@ -1,13 +1,19 @@
 """Synthesizers of data-free KD (ALGORITHMS.md section 3), behind one interface, in the SYNTHESIZERS registry.
 
 ``zskt``, ``dfad``, ``dafl`` (generators), ``deepinversion``, ``cmi`` (inversion into a memory bank), ``ood``
-(patches of a natural image) and ``clean`` (real clean data, the reference point).
+(patches of a natural image) and ``clean`` (real clean data, the reference point). Every module of this package is
+imported here, so a new synthesizer is one new file that registers itself.
 """
 
-from abd_ray.synthesizers import clean, cmi, dafl, deepinversion, dfad, ood, zskt  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer
 
 __all__ = ["Batch", "SynthContext", "Synthesizer", "synthesizer_class"]
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")  # registration
 
 
 def synthesizer_class(name: str) -> type[Synthesizer]:

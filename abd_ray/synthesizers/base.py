@@ -1,10 +1,14 @@
-"""The one interface every synthesizer implements, and the pieces several of them share.
+"""The one interface every synthesizer implements, and the context it runs in.
 
 A synthesizer turns the teacher (and, for adversarial methods, the student) into batches of inputs for the KD
-loop of :mod:`abd_ray.engine.distill`. One loop step asks :meth:`Synthesizer.batches` for the batches of that
-step; the synthesizer does its own synthesis work (a generator update, an inversion round, a data draw) before
-yielding, and yields one :class:`Batch` per student step. The loop owns the student's optimiser, schedule,
-defense hooks and evaluation, so a defense plugs into every synthesizer in the same way.
+loop of :mod:`abd_ray.engine.distill`. Each loop step asks :meth:`Synthesizer.student_batches` for the batches of
+that step; the subclass does its synthesis work in :meth:`Synthesizer.batches` (a generator update, an inversion
+round, a data draw) and yields one :class:`Batch` per student step.
+
+The base class owns every call into the defense, so no synthesizer can leave it out: a generator's loss gets the
+defense's term through :meth:`Synthesizer.add_defense_term`, every student loss goes through the defense's
+``student_loss`` in :meth:`Synthesizer.batch_loss`, and every new batch is shown to ``observe``. A synthesizer that
+trains on generator outputs (``fixed_data`` False) and builds no generator loss through the base fails at once.
 
 Everything a synthesizer draws at random comes from the context's ``torch.Generator`` objects, whose states the
 loop saves, so a resumed run draws what the uninterrupted run drew.
@@ -13,26 +17,22 @@ loop saves, so a resumed run draws what the uninterrupted run drew.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import math
 import numbers
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from abd_ray.data import DataBundle
-from abd_ray.losses import batch_channel_stats, bn_statistics_loss, kd_divergence
+from abd_ray.losses import kd_divergence
 from abd_ray.memo import RowMemo
+from abd_ray.synthesizers.batch import Batch
+from abd_ray.synthesizers.parts import LossLog
 
-
-@functools.cache
-def _takes(defense_cls: type, hook: str, arg: str) -> bool:
-    """Whether a defense class's ``hook`` declares the keyword ``arg`` (asked every step: cached per class)."""
-    return arg in inspect.signature(getattr(defense_cls, hook)).parameters
+__all__ = ["Batch", "SynthContext", "Synthesizer"]
 
 
 @dataclass
@@ -46,12 +46,11 @@ class SynthContext:
         device: where models and data live.
         total_steps: the run's step count.
         batch_size: the run's batch size.
-        defense: the run's defense (its ``generator_term`` is added to generator losses).
+        defense: the run's defense; only the :class:`Synthesizer` base class calls it.
         gen: random generator on ``device`` (noise, latents, augmentation).
         gen_cpu: random generator on the CPU (indices, permutations).
         amp: use bfloat16 autocast (CUDA only).
         channels_last: keep new models (generators) in channels_last, as the teacher and student are.
-        teacher_memo: the teacher's logits on stored samples fed unchanged (see :meth:`fixed_batch`).
     """
 
     teacher: nn.Module
@@ -65,7 +64,6 @@ class SynthContext:
     gen_cpu: torch.Generator
     amp: bool = False
     channels_last: bool = False
-    teacher_memo: RowMemo = field(default_factory=RowMemo, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -90,44 +88,6 @@ class SynthContext:
                 return logits.float(), [f.float() for f in feats]
             return self.teacher(x).float()
 
-    def defense_term(
-        self, x: torch.Tensor, t_logits: torch.Tensor, t_feats: list[torch.Tensor] | None = None
-    ) -> torch.Tensor | None:
-        """The defense's term for a generator loss on ``x``, or None. The teacher's features go to a defense whose
-        ``generator_term`` takes ``t_feats`` (the vaccine reuses them); a plug-in with the two-argument form
-        still works."""
-        if t_feats is not None and self._defense_takes_feats("generator_term"):
-            return self.defense.generator_term(x, t_logits, t_feats=t_feats)
-        return self.defense.generator_term(x, t_logits)
-
-    def _defense_takes_feats(self, hook: str) -> bool:
-        return _takes(type(self.defense), hook, "t_feats")
-
-    def fixed_batch(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> Batch:
-        """A fixed-data synthesizer's batch on ``x``: teacher logits, and the teacher's block outputs when the
-        defense's ``student_loss`` takes them (the vaccine then skips the shared trunk's forward).
-
-        ``keys``, given only where ``x`` holds stored samples exactly as stored (no augmentation), names each row's
-        sample (:class:`abd_ray.memo.RowMemo`): the teacher's logits are then computed once per sample, and the
-        keys go to a defense whose ``student_loss`` takes them, so it can keep its own per-sample outputs.
-        """
-        if keys is not None:
-            return Batch(x, self.teacher_memo.rows(keys, x, self.teacher_out), keys=keys)
-        if self._defense_takes_feats("student_loss"):
-            logits, feats = self.teacher_out(x, features=True)
-            return Batch(x, logits, feats)
-        return Batch(x, self.teacher_out(x))
-
-    def defense_loss(self, per_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The defense's batch loss from per-sample KD losses, with the batch's teacher features and sample keys
-        for a defense whose ``student_loss`` takes ``t_feats`` / ``keys``."""
-        kw: dict[str, Any] = {}
-        if batch.t_feats is not None and self._defense_takes_feats("student_loss"):
-            kw["t_feats"] = batch.t_feats
-        if batch.keys is not None and _takes(type(self.defense), "student_loss", "keys"):
-            kw["keys"] = batch.keys
-        return self.defense.student_loss(per_sample, batch.x, batch.t_logits, **kw)
-
     def to_model_format(self, m: nn.Module) -> nn.Module:
         """Move a new model to the device, in the run's memory format."""
         m = m.to(self.device)
@@ -136,74 +96,8 @@ class SynthContext:
         return m
 
 
-@dataclass
-class Batch:
-    """Inputs for one student step, all detached.
-
-    Attributes:
-        x: inputs in pixel space (N, C, H, W).
-        t_logits: teacher logits on ``x`` (float32).
-        t_feats: the teacher's block outputs, when the synthesizer's student loss needs them.
-        keys: each row's sample key, where the rows are stored samples fed unchanged (see ``fixed_batch``).
-    """
-
-    x: torch.Tensor
-    t_logits: torch.Tensor
-    t_feats: list[torch.Tensor] | None = None
-    keys: torch.Tensor | None = None
-
-
-@dataclass
-class _Mean:
-    """A running mean of scalar losses between two evaluations."""
-
-    total: float = 0.0
-    count: int = 0
-
-    def add(self, v: float) -> None:
-        self.total += float(v)
-        self.count += 1
-
-    def pop(self) -> float | None:
-        if not self.count:
-            return None
-        v = self.total / self.count
-        self.total, self.count = 0.0, 0
-        return v
-
-
-@dataclass
-class _LossLog:
-    means: dict[str, _Mean] = field(default_factory=dict)
-
-    def add(self, name: str, v: float) -> None:
-        self.means.setdefault(name, _Mean()).add(v)
-
-    def pop(self) -> dict[str, float]:
-        out = {k: m.pop() for k, m in self.means.items()}
-        return {k: v for k, v in out.items() if v is not None}
-
-    def state(self) -> dict[str, list[float]]:
-        return {k: [m.total, float(m.count)] for k, m in self.means.items()}
-
-    def load(self, s: dict[str, list[float]]) -> None:
-        self.means = {k: _Mean(float(v[0]), int(v[1])) for k, v in s.items()}
-
-
-def cosine_lr(base: float, step: int, total: int) -> float:
-    """Cosine decay from ``base`` at step 0 to 0 at step ``total`` (Loshchilov & Hutter 2017, no restarts)."""
-    if total <= 0:
-        return base
-    return 0.5 * base * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr
-
-
 class Synthesizer:
-    """Base class. Subclasses set ``name``, ``paper``, ``defaults`` and implement :meth:`batches`.
+    """Base class. Subclasses set ``paper`` and ``defaults`` and implement :meth:`batches`; the registry sets ``name``.
 
     Hyperparameters every synthesizer has (the student's side of the KD loop):
         opt_s: ``adam`` or ``sgd`` (momentum 0.9).
@@ -217,7 +111,7 @@ class Synthesizer:
         params: hyperparameter overrides (``synth.<key>``); unknown keys raise a ValueError.
     """
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # set by the registry to the name the class is registered under
     paper: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     # Per-dataset overrides of ``defaults`` (e.g. budgets sized for the 8x8 digits).
@@ -229,7 +123,8 @@ class Synthesizer:
     # Keys that accept null besides their default's type.
     nullable: ClassVar[frozenset[str]] = frozenset({"clip"})
     # True where the student trains on fixed or banked data rather than on a generator's fresh output; the
-    # Shuffling Vaccine then reweights the student's loss instead of steering a generator.
+    # defense is told at bind (the Shuffling Vaccine then reweights the student's loss instead of steering a
+    # generator). False obliges the synthesizer to build a generator loss through add_defense_term every step.
     fixed_data: ClassVar[bool] = False
     # Whether the student's loss needs its block outputs (attention transfer).
     needs_features: bool = False
@@ -237,7 +132,9 @@ class Synthesizer:
     def __init__(self, ctx: SynthContext, params: dict[str, Any] | None = None) -> None:
         self.ctx = ctx
         self.params = self.resolve_params(params or {}, ctx.data.name)
-        self.log = _LossLog()
+        self.log = LossLog()
+        self.teacher_memo = RowMemo()  # the teacher's logits on stored samples fed unchanged (fixed_batch)
+        self._term_added = False
 
     # --- hyperparameters ------------------------------------------------------------------------------------------
 
@@ -307,8 +204,19 @@ class Synthesizer:
         return torch.optim.SGD(params, lr=p["lr_s"], momentum=0.9, weight_decay=p["wd_s"])
 
     def student_loss(self, s_logits: torch.Tensor, s_feats: list[torch.Tensor] | None, batch: Batch) -> torch.Tensor:
-        """Per-sample KD loss (N,) of the student on ``batch``; the defense turns it into the batch loss."""
+        """Per-sample KD loss (N,) of the student on ``batch``; :meth:`batch_loss` hands it to the defense."""
         return kd_divergence(s_logits, batch.t_logits, self.params["T"], reduction="none")
+
+    def batch_loss(
+        self, s_logits: torch.Tensor, s_feats: list[torch.Tensor] | None, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's loss on ``batch`` as the defense makes it from the per-sample KD losses.
+
+        Returns:
+            (the batch loss to back-propagate, the per-sample KD losses).
+        """
+        per_sample = self.student_loss(s_logits.float(), s_feats, batch)
+        return self.ctx.defense.student_loss(per_sample, batch), per_sample
 
     # --- synthesis ------------------------------------------------------------------------------------------------
 
@@ -316,8 +224,52 @@ class Synthesizer:
         """Do the synthesis work of loop step ``step`` (0-based) and yield one batch per student step."""
         raise NotImplementedError
 
+    def student_batches(self, step: int) -> Iterator[Batch]:
+        """The batches of loop step ``step``, each new one shown to the defense (what the loop iterates).
+
+        Raises:
+            RuntimeError: a synthesizer on generator outputs built no generator loss through
+                :meth:`add_defense_term` before its first batch (the vaccine would silently do nothing).
+        """
+        self._term_added = False
+        prev = None
+        for batch in self.batches(step):
+            if not (self.fixed_data or self._term_added):
+                raise RuntimeError(
+                    f"synthesizer {self.name!r} trains on generator outputs but built no generator loss through "
+                    "add_defense_term(); build it there, or set fixed_data = True"
+                )
+            if batch is not prev:
+                self.ctx.defense.observe(batch, step)
+                prev = batch
+            yield batch
+
+    def add_defense_term(self, loss: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """A generator's loss on ``batch`` (which keeps its graph) plus the defense's generator term."""
+        self._term_added = True
+        term = self.ctx.defense.generator_term(batch)
+        if term is not None:
+            loss = loss + term
+        return loss
+
+    def fixed_batch(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> Batch:
+        """A fixed-data batch on ``x``: teacher logits, and the teacher's block outputs when the defense
+        :meth:`~abd_ray.defenses.base.Defense.wants_teacher_features` (the vaccine then skips the shared trunk).
+
+        ``keys``, given only where ``x`` holds stored samples exactly as stored (no augmentation), names each row's
+        sample (:class:`abd_ray.memo.RowMemo`): the teacher's logits are then computed once per sample, and the
+        defense may keep its own per-sample outputs by the same keys.
+        """
+        ctx = self.ctx
+        if keys is not None:
+            return Batch(x, self.teacher_memo.rows(keys, x, ctx.teacher_out), keys=keys)
+        if ctx.defense.wants_teacher_features:
+            logits, feats = ctx.teacher_out(x, features=True)
+            return Batch(x, logits, feats)
+        return Batch(x, ctx.teacher_out(x))
+
     def losses(self) -> dict[str, float]:
-        """Mean synthesis losses since the last call (e.g. ``loss_gen``)."""
+        """Mean synthesis losses of the evaluation window, then reset (e.g. ``loss_gen``)."""
         return self.log.pop()
 
     # --- checkpoints ----------------------------------------------------------------------------------------------
@@ -329,103 +281,3 @@ class Synthesizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.log.load(state.get("log", {}))
 
-
-# --- shared pieces ----------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Turn off ``requires_grad`` of a model's parameters for a generator step (input gradients still flow)."""
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(f)
-
-
-class BNStats:
-    """Collect the BatchNorm-statistics loss of a model's forward passes while the context is open.
-
-    Forward hooks are registered on entry and removed on exit, so no hook outlives the synthesis step (a defense
-    that copies the teacher does not copy them).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self._handles: list = []
-        self._stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def _hook(self, module: nn.Module, inputs, output) -> None:
-        mean, var = batch_channel_stats(inputs[0])
-        self._stats.append((mean, var, module.running_mean, module.running_var))
-
-    def __enter__(self) -> BNStats:
-        self._stats = []
-        self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def loss(self) -> torch.Tensor:
-        """The BN-statistics loss of the forward passes seen so far (then forgets them)."""
-        stats, self._stats = self._stats, []
-        if not stats:
-            raise ValueError("the teacher has no BatchNorm layer; the BN-statistics loss needs one (set synth.bn=0)")
-        m, v, rm, rv = zip(*stats, strict=True)
-        return bn_statistics_loss(m, v, rm, rv)
-
-
-class MemoryBank:
-    """A growing store of synthesized inputs (and optional features), capped at ``max_size`` (oldest dropped).
-
-    Every entry has a serial number (how many entries were added before it), which stays its key while it is
-    held, whatever is dropped before it.
-
-    Args:
-        max_size: most entries kept.
-    """
-
-    def __init__(self, max_size: int) -> None:
-        self.max_size = int(max_size)
-        self.x: torch.Tensor | None = None
-        self.dropped = 0  # entries dropped from the front: the serial number of ``x[0]``
-
-    def __len__(self) -> int:
-        return 0 if self.x is None else len(self.x)
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach()
-        self.x = x.clone() if self.x is None else torch.cat([self.x, x])
-        if len(self.x) > self.max_size:
-            self.dropped += len(self.x) - self.max_size
-            self.x = self.x[-self.max_size :].clone()
-
-    def sample(self, n: int, gen_cpu: torch.Generator) -> torch.Tensor:
-        """``n`` entries drawn uniformly with replacement."""
-        return self.sample_keyed(n, gen_cpu)[0]
-
-    def sample_keyed(self, n: int, gen_cpu: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` entries drawn uniformly with replacement, and their serial numbers."""
-        assert self.x is not None and len(self.x), "sample from an empty bank"
-        idx = torch.randint(0, len(self.x), (n,), generator=gen_cpu).to(self.x.device)
-        return self.x[idx], idx + self.dropped
-
-    def state_dict(self) -> dict[str, Any]:
-        x = None if self.x is None else self.x.detach().cpu().clone()
-        return {"x": x, "max_size": self.max_size, "dropped": self.dropped}
-
-    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        self.x = None if state["x"] is None else state["x"].to(device)
-        self.dropped = int(state.get("dropped", 0))  # states written before serial numbers: none dropped
-
-
-def balanced_labels(n: int, num_classes: int, gen_cpu: torch.Generator, device: torch.device) -> torch.Tensor:
-    """``n`` labels with every class as equally often as ``n`` allows, in random order."""
-    y = torch.arange(n) % num_classes
-    return y[torch.randperm(n, generator=gen_cpu)].to(device)

@@ -17,11 +17,10 @@ from abd_ray.registry import SYNTHESIZERS
 from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer
 
 
-@SYNTHESIZERS.register("clean", paper="Hong et al., ICML 2023 (clean-KD reference)")
+@SYNTHESIZERS.register("clean")
 class CleanKD(Synthesizer):
     """KD on a random fraction of the clean training set (drawn once per run seed)."""
 
-    name = "clean"
     paper = "Hinton et al. 2015, as the clean-data reference of Hong et al., ICML 2023"
     fixed_data = True
     defaults = {
@@ -51,4 +50,4 @@ class CleanKD(Synthesizer):
     def batches(self, step: int) -> Iterator[Batch]:
         idx = torch.randint(0, len(self.x), (self.ctx.batch_size,), generator=self.ctx.gen_cpu).to(self.x.device)
         x = shift_flip(self.x[idx], self.ctx.gen, **self.aug)
-        yield self.ctx.fixed_batch(x, keys=idx if unchanged_by(self.aug) else None)
+        yield self.fixed_batch(x, keys=idx if unchanged_by(self.aug) else None)

@@ -22,14 +22,9 @@ from abd_ray.data.augment import random_resized_crop
 from abd_ray.losses import info_nce, masked_adversarial
 from abd_ray.models import build_model
 from abd_ray.registry import SYNTHESIZERS
-from abd_ray.synthesizers.base import (
-    BNStats,
-    MemoryBank,
-    SynthContext,
-    Synthesizer,
-    balanced_labels,
-)
+from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer
 from abd_ray.synthesizers.deepinversion import BankSynthesizer
+from abd_ray.synthesizers.parts import BNStats, MemoryBank, balanced_labels
 
 
 class ProjectionHead(nn.Module):
@@ -43,11 +38,10 @@ class ProjectionHead(nn.Module):
         return self.net(h)
 
 
-@SYNTHESIZERS.register("cmi", paper="Fang et al., IJCAI 2021", generative=True)
+@SYNTHESIZERS.register("cmi")
 class CMI(BankSynthesizer):
     """Contrastive model inversion: a generator per round, BN / one-hot / adversarial / contrastive losses."""
 
-    name = "cmi"
     paper = "Fang et al., Contrastive Model Inversion for Data-Free Knowledge Distillation, IJCAI 2021"
     defaults = {
         "z_dim": 256,  # CMI: latent size 256
@@ -152,9 +146,7 @@ class CMI(BankSynthesizer):
                     emb_l = ctx.teacher(x_local, return_features=True)[1][-1].float()
                 neg_proj = self.head(neg) if neg is not None else None
                 loss = loss + p["cr"] * info_nce(self.head(emb_g), self.head(emb_l), neg_proj, p["cr_T"])
-            term = ctx.defense_term(x, t_logits, t_feats)
-            if term is not None:
-                loss = loss + term
+            loss = self.add_defense_term(loss, Batch(x, t_logits, t_feats))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -9,21 +9,19 @@ in DAFL, each step updates the generator and then the student on the same sample
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 
 from abd_ray.losses import activation_loss, information_entropy_loss, one_hot_loss
 from abd_ray.registry import SYNTHESIZERS
-from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer
+from abd_ray.synthesizers.base import Batch, Synthesizer
 from abd_ray.synthesizers.zskt import GenerativeSynthesizer
 
 
-@SYNTHESIZERS.register("dafl", paper="Chen et al., ICCV 2019", generative=True)
+@SYNTHESIZERS.register("dafl")
 class DAFL(GenerativeSynthesizer):
     """Generator trained for one-hot, activation and information-entropy losses on the teacher."""
 
-    name = "dafl"
     paper = "Chen et al., Data-Free Learning of Student Networks, ICCV 2019"
     defaults = {
         "z_dim": 100,  # DAFL: latent size 100 (MNIST); the CIFAR recipe used 1000
@@ -46,9 +44,6 @@ class DAFL(GenerativeSynthesizer):
         "digits": {"lr_g": 1e-2, "lr_s": 2e-3, "opt_s": "adam", "wd_s": 0.0, "oh": 1.0, "a": 0.1, "ngf": 32},
     }
     positive = Synthesizer.positive | {"z_dim", "ngf", "n_s", "lr_g"}
-
-    def __init__(self, ctx: SynthContext, params: dict[str, Any] | None = None) -> None:
-        super().__init__(ctx, params)
 
     def _gen_loss(self, x: torch.Tensor, t_logits: torch.Tensor, t_feats) -> torch.Tensor:
         p = self.params

@@ -22,15 +22,8 @@ import torch.nn.functional as F
 from abd_ray.data.augment import kd_augment, shift_flip, unchanged_by
 from abd_ray.losses import js_divergence, total_variation
 from abd_ray.registry import SYNTHESIZERS
-from abd_ray.synthesizers.base import (
-    Batch,
-    BNStats,
-    MemoryBank,
-    SynthContext,
-    Synthesizer,
-    balanced_labels,
-    frozen,
-)
+from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer
+from abd_ray.synthesizers.parts import BNStats, MemoryBank, balanced_labels, frozen
 
 
 class BankSynthesizer(Synthesizer):
@@ -59,7 +52,7 @@ class BankSynthesizer(Synthesizer):
             self.bank.add(x_new)
         x, keys = self.bank.sample_keyed(self.ctx.batch_size, self.ctx.gen_cpu)
         x = shift_flip(x, self.ctx.gen, **self.aug)
-        yield self.ctx.fixed_batch(x, keys=keys if unchanged_by(self.aug) else None)
+        yield self.fixed_batch(x, keys=keys if unchanged_by(self.aug) else None)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "bank": self.bank.state_dict()}
@@ -69,11 +62,10 @@ class BankSynthesizer(Synthesizer):
         self.bank.load_state_dict(state["bank"], self.ctx.device)
 
 
-@SYNTHESIZERS.register("deepinversion", paper="Yin et al., CVPR 2020")
+@SYNTHESIZERS.register("deepinversion")
 class DeepInversion(BankSynthesizer):
     """Input optimisation with BN-statistics, CE, TV, L2 and the ADI competition term; a memory bank."""
 
-    name = "deepinversion"
     paper = "Yin et al., Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion, CVPR 2020"
     defaults = {
         "iters": 2000,  # DeepInversion: 2k optimisation iterations per batch on CIFAR-10

@@ -13,11 +13,10 @@ from abd_ray.registry import SYNTHESIZERS
 from abd_ray.synthesizers.zskt import ZSKT
 
 
-@SYNTHESIZERS.register("dfad", paper="Fang et al., arXiv 2019", generative=True)
+@SYNTHESIZERS.register("dfad")
 class DFAD(ZSKT):
     """ZSKT's game with an L1 logit discrepancy."""
 
-    name = "dfad"
     paper = "Fang et al., Data-Free Adversarial Distillation, arXiv:1912.11006, 2019"
     defaults = {
         "z_dim": 256,  # DFAD: latent size 256
@@ -34,8 +33,8 @@ class DFAD(ZSKT):
         "T": 1.0,  # unused by the L1 discrepancy; kept so that every synthesizer has a temperature
     }
     dataset_defaults = {
-        # 8x8 digits: the paper's SGD student kept (3000 steps, badnet_grid: clean_acc 80.4 / asr 100, where the
-        # ZSKT student recipe, Adam 2e-3, reached 43.6 / 0); ngf 32 as in zskt's digits defaults.
+        # 8x8 digits: the paper's SGD student kept (it learnt far more than ZSKT's Adam recipe, docs/defaults.md);
+        # ngf 32 as in zskt's digits defaults.
         "digits": {"ngf": 32},
     }
 

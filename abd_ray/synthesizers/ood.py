@@ -107,11 +107,10 @@ def cutmix(x: torch.Tensor, gen: torch.Generator, beta: float, prob: float) -> t
     return out
 
 
-@SYNTHESIZERS.register("ood", paper="Asano & Saeed, ICLR 2023")
+@SYNTHESIZERS.register("ood")
 class OOD(Synthesizer):
     """KD on augmented patches of one natural image (or a folder of images), with CutMix."""
 
-    name = "ood"
     paper = "Asano & Saeed, Extrapolating from a Single Image to a Thousand Classes using Distillation, ICLR 2023"
     fixed_data = True
     defaults = {
@@ -165,4 +164,4 @@ class OOD(Synthesizer):
 
     def batches(self, step: int) -> Iterator[Batch]:
         x = self.make_batch()
-        yield self.ctx.fixed_batch(x)
+        yield self.fixed_batch(x)

@@ -7,8 +7,9 @@ plus ``beta`` times the attention-transfer loss on matching block outputs (ALGOR
 Performance: with the generator in train mode and the teacher in eval mode, every student step of a pseudo
 batch sees exactly the same inputs and teacher outputs (the generator does not change during them). So the
 pseudo batch runs the generator and the teacher ONCE for its ``n_s`` student steps, with the inputs detached;
-and the generator step does not compute the student's weight gradients (they are thrown away). The seed's loop
-re-ran both at each of the 11 iterations and back-propagated every student step into the generator.
+and the generator step does not compute the student's weight gradients (they are thrown away). Re-running
+both at each of the 11 iterations, back-propagating every student step into the generator, gives the same math
+slower.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from torch import nn
 from abd_ray.losses import attention_transfer, features_match, kd_divergence
 from abd_ray.models import build_model
 from abd_ray.registry import SYNTHESIZERS
-from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer, cosine_lr, frozen, set_lr
+from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer
+from abd_ray.synthesizers.parts import cosine_lr, frozen, set_lr
 
 
 class GenerativeSynthesizer(Synthesizer):
@@ -55,10 +57,7 @@ class GenerativeSynthesizer(Synthesizer):
             x = self.generator(z)
             t_logits, t_feats = ctx.teacher(x, return_features=True)
         t_logits = t_logits.float()
-        loss = loss_fn(x, t_logits, t_feats)
-        term = ctx.defense_term(x, t_logits, t_feats)
-        if term is not None:
-            loss = loss + term
+        loss = self.add_defense_term(loss_fn(x, t_logits, t_feats), Batch(x, t_logits, t_feats))
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         if self.params.get("clip_g") is not None:
@@ -78,11 +77,10 @@ class GenerativeSynthesizer(Synthesizer):
         self.opt_g.load_state_dict(state["opt_g"])
 
 
-@SYNTHESIZERS.register("zskt", paper="Micaelli & Storkey, NeurIPS 2019", generative=True)
+@SYNTHESIZERS.register("zskt")
 class ZSKT(GenerativeSynthesizer):
     """Zero-shot KT: adversarial generator, KD + attention transfer for the student."""
 
-    name = "zskt"
     paper = "Micaelli & Storkey, Zero-Shot Knowledge Transfer via Adversarial Belief Matching, NeurIPS 2019"
     defaults = {
         "z_dim": 100,  # ZSKT: latent size 100
@@ -99,10 +97,8 @@ class ZSKT(GenerativeSynthesizer):
         "T": 1.0,  # ZSKT: plain KL between the softmaxes
     }
     dataset_defaults = {
-        # 8x8 digits, small CNNs: 5 student steps per generator step reached clean_acc 96 / asr 90 on the
-        # reference run of issue 3; ZSKT's 10 doubles the cost for no gain at this size.
-        # ngf 32 (ours): an 8x8 grey image needs far less generator than 32x32 RGB; at 64 the generator cost
-        # three times the teacher's forward and most of the step, for the same clean_acc / asr.
+        # 8x8 digits (ours, docs/defaults.md): ZSKT's 10 student steps per generator step double the cost for no
+        # gain, and an 8x8 grey image needs far less generator than 32x32 RGB.
         "digits": {"n_s": 5, "ngf": 32},
     }
     positive = Synthesizer.positive | {"z_dim", "ngf", "n_g", "n_s", "lr_g"}
