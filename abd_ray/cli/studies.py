@@ -99,7 +99,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="Pareto fronts, paper-style table, der and the recommended ABD config")
+    p = sub.add_parser("report", help="Pareto fronts, paper-style table, der and the recommended defended config")
     p.add_argument("dir", help="a study folder")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--max-acc-drop", type=float, default=5.0,

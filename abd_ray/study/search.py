@@ -129,10 +129,8 @@ def cell_searchers(spec: StudySpec, study_dir: str, constants: dict[str, dict[st
 class StudySearcher(Searcher):
     """Issues a study's trials: its fixed trials and each cell's Optuna search until it has its ``num_samples``.
 
-    Order: the defended fixed trials, then the searches, then the undefended fixed trials. The undefended trials
-    are the cheapest (no vaccine, no SR), so they fill the last worker slots while the costly trials finish: longest
-    first packs a study tighter on its workers than the baseline first (the quickstart on two workers, undefended
-    trial first, ended with its last ABD trial running alone beside an idle worker).
+    Order: the defended fixed trials, then the searches, then the undefended fixed trials: the undefended trials are
+    the cheapest (no vaccine, no SR), so longest first leaves them to fill the last worker slots.
 
     Args:
         fixed: flat configs of the fixed (grid) trials.
