@@ -27,7 +27,6 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
-import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -236,28 +235,3 @@ def ui_links(uri: str, experiment_id: str | None, run_id: str | None = None, por
         out.update(trials_url=f"{exp}?searchFilter={flt}&orderByKey={by_name}&orderByAsc=true",
                    run_url=f"{exp}/{run_id}")
     return out
-
-
-def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) pairs of one metric of one run, for tests and reports."""
-    return [(m.step, m.value) for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)]
-
-
-def count_runs(uri: str, experiment_name: str) -> dict[str, Any]:
-    """Parent and child runs of an MLflow experiment by status (deleted runs not counted)."""
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment_name)
-    if exp is None:
-        return {"parents": {}, "children": {}}
-    runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=50000)
-    parents: dict[str, int] = {}
-    children: dict[str, int] = {}
-    for r in runs:
-        bucket = children if PARENT_TAG in r.data.tags else parents
-        bucket[r.info.status] = bucket.get(r.info.status, 0) + 1
-    return {"parents": parents, "children": children}
-
-
-def mlflow_version() -> str:
-    return mlflow.__version__
-

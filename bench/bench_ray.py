@@ -55,7 +55,8 @@ def _collect(p: subprocess.Popen) -> list[dict]:
 def ray_main(args: argparse.Namespace, argv: list[str]) -> None:
     import run as R
 
-    from abd_ray.study.runner import experiment_path, read_state, tune_trials
+    from abd_ray.study.folder import experiment_path, read_state
+    from abd_ray.study.tuner import tune_trials
 
     work = Path(tempfile.mkdtemp(prefix="abd-bench-ray-"))
     cache = work / "cache"

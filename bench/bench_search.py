@@ -93,8 +93,9 @@ def run_study(path: Path, storage: Path, cache: str, grid: list[dict[str, Any]] 
 
 
 def rows_of(study_dir: Path) -> list[dict[str, Any]]:
+    from abd_ray.study.folder import experiment_path, read_state
     from abd_ray.study.report import trial_rows
-    from abd_ray.study.runner import experiment_path, read_state, tune_trials
+    from abd_ray.study.tuner import tune_trials
 
     trials = tune_trials(experiment_path(read_state(study_dir)))
     ended = {t["trial_id"]: float(t["last_result"].get("timestamp", 0)) for t in trials}

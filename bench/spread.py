@@ -76,7 +76,7 @@ def teacher_record(cmd: list[str]) -> dict:
     """The weights hash, key and training environment of the cached teacher that the distill command ``cmd`` used
     (its spec read from the command's own arguments)."""
     from abd_ray.cli import build_parser
-    from abd_ray.engine.distill_cli import config_from_args
+    from abd_ray.cli.runs import config_from_args
     from abd_ray.engine.teacher import META, cache_folder
 
     cfg = config_from_args(build_parser().parse_args(cmd[3:])).resolved()

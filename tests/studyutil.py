@@ -92,16 +92,9 @@ def trial_dirs(study_dir: Path) -> list[Path]:
 
 def results(trial_dir: Path) -> list[dict]:
     """The results a trial has reported so far (its result.json lines)."""
-    f = trial_dir / "result.json"
-    if not f.exists():
-        return []
-    out = []
-    for line in f.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass  # a line being written
-    return out
+    from abd_ray.study.sync import read_results
+
+    return read_results(trial_dir)
 
 
 def start_driver(argv: list[str], log: Path, cwd: Path, env: dict | None = None) -> subprocess.Popen:

@@ -1,8 +1,10 @@
 """The abd-ray command: listing, teachers, and one-line errors with exit status 2 for bad input."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +83,11 @@ def test_bad_teacher_files(capsys, tmp_path, digits_teacher):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "abd_ray.cli", "list"], capture_output=True, text=True, check=True)
     assert "attacks" in out.stdout
+
+
+def test_the_library_never_imports_the_cli():
+    pkg = Path(__file__).resolve().parents[1] / "abd_ray"
+    pattern = re.compile(r"^\s*(import|from)\s+abd_ray\.cli\b", re.M)
+    offenders = [str(f.relative_to(pkg)) for f in sorted(pkg.rglob("*.py"))
+                 if f.relative_to(pkg).parts[0] != "cli" and pattern.search(f.read_text())]
+    assert offenders == []

@@ -126,8 +126,9 @@ def test_token_source_follows_rays_order(tmp_path, monkeypatch):
 
 def test_the_cli_path_to_a_study_imports_no_ray():
     """Token mode must be set before ray is imported (Ray reads it once), so nothing up to ``connect`` imports it."""
-    code = ("import sys; import abd_ray.cli, abd_ray.study.cli, abd_ray.study.runner as r, abd_ray.study.cluster; "
-            "abd_ray.study.cli._verbosity(False); r.check_trials(r.load_spec('studies/quickstart.yaml')); "
+    code = ("import sys; import abd_ray.cli.studies as c, abd_ray.study.runner, abd_ray.study.preflight as p; "
+            "from abd_ray.study.spec import load_spec; import abd_ray.study.cluster; "
+            "c.set_verbosity(False); p.check_trials(load_spec('studies/quickstart.yaml')); "
             "print('ray' in sys.modules)")
     out = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout

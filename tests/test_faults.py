@@ -4,8 +4,10 @@ Two studies carry most checks, so the suite stays within a few minutes on two co
 
 - ``killed``: the driver SIGKILLed in the teacher stage, then mid-trial; the cached teacher and the running trial's
   checkpoints truncated; a resume (the teacher is retrained, the trial starts over, both with a warning) stopped
-  with SIGINT; a resume SIGKILLed between two trials; a last resume that completes. At the end Tune's trials =
-  Optuna's COMPLETE trials = MLflow's FINISHED child runs = the planned count, and no step is logged twice.
+  with SIGINT; the study file edited and a resume SIGKILLed between two trials, another mid-trial (the kills of the
+  teacher stage, between and mid-trial at seeded moments); the folder's copy edited and refused; a last resume
+  that completes. At the end Tune's trials = Optuna's COMPLETE trials = MLflow's FINISHED child runs = the planned
+  count, and no step is logged twice.
 - ``faulty``: one trial raising (``fault.raise_at_step``) and one whose losses go NaN (``fault.nan_at_step``),
   each retried once and then FAILED with its reason in Tune, Optuna and MLflow; the MLflow database locked for a
   while (the writes that fail are replayed at the end); a second driver on the folder refused by the lock; no
@@ -56,31 +58,47 @@ def _teacher_dirs(cache: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_kills_sigint_and_damaged_files_then_resume(tmp_path, cache):
+def test_kills_sigint_damaged_files_and_edited_study_files_then_resume(tmp_path, cache):
+    """Four trials, one at a time, through six drivers: SIGKILL in the teacher stage (a seeded moment); SIGKILL
+    mid-trial; the cached teacher and the running trial's checkpoints damaged, then Ctrl-C; the study file edited
+    (the copy taken at launch runs) and SIGKILL between trials (a seeded moment); SIGKILL mid-trial again (a seeded
+    moment); the folder's copy edited (refused); a last resume that completes. At the end Tune's trials = Optuna's
+    COMPLETE trials = MLflow's FINISHED child runs = the planned count, and no step is logged twice."""
+    rng = random.Random(18)
     shutil.rmtree(cache / "teachers", ignore_errors=True)  # the teacher stage must really train
-    # Four trials, one at a time: however many a slow Ctrl-C lets finish in step 3, a gap between two trials
-    # remains for step 4.
-    f = write_study(tmp_path, name="killed", seeds=[0, 1, 2, 3], max_concurrent=1, max_failures=2,
+    n = 4
+    # One trial at a time: however many a slow Ctrl-C lets finish in step 3, gaps between trials remain for 4 and 5.
+    f = write_study(tmp_path, name="killed", seeds=list(range(n)), max_concurrent=1, max_failures=2,
                     budget={"steps": 40, "eval_every": 4, "batch_size": 32}, **TINY)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     study_dir = tmp_path / "runs" / "killed"
-    logs = [tmp_path / f"driver{i}.log" for i in range(5)]
+    logs = [tmp_path / f"driver{i}.log" for i in range(6)]
 
-    # 1. SIGKILL in the teacher stage: before any teacher is written.
+    def finished() -> int:
+        return sum(any(x.get("final") for x in results(d)) for d in trial_dirs(study_dir))
+
+    # 1. SIGKILL in the teacher stage, a seeded fraction of a second after it began: before any teacher is written.
+    delay, seen = rng.uniform(0.0, 0.5), []
+
+    def in_teacher_stage() -> bool:
+        if not seen and "teacher stage" in logs[0].read_text():
+            seen.append(time.time())
+        return bool(seen) and time.time() - seen[0] >= delay
+
     p = start_driver(["study", str(f), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri, "--cache",
                       str(cache)], logs[0], tmp_path)
-    kill_when(p, lambda: "teacher stage" in logs[0].read_text(), logs[0])
+    kill_when(p, in_teacher_stage, logs[0])
     wait(p)
-    assert not _teacher_dirs(cache) and not trial_dirs(study_dir)
+    assert not _teacher_dirs(cache) and not trial_dirs(study_dir), "killed in the teacher stage"
 
     # 2. resume, SIGKILL mid-trial: a trial has checkpointed three evaluations (so Tune's saved state holds one)
     # and none has finished.
-    def mid_trial() -> bool:
+    def first_mid_trial() -> bool:
         rs = [results(d) for d in trial_dirs(study_dir)]
         return any(len(r) >= 3 for r in rs) and not any(x.get("final") for r in rs for x in r)
 
     p = start_driver(["resume", str(study_dir)], logs[1], tmp_path)
-    kill_when(p, mid_trial, logs[1])
+    kill_when(p, first_mid_trial, logs[1])
     wait(p)
     (teacher,) = _teacher_dirs(cache)
     running = [d for d in trial_dirs(study_dir) if results(d) and not any(x.get("final") for x in results(d))]
@@ -113,85 +131,36 @@ def test_kills_sigint_and_damaged_files_then_resume(tmp_path, cache):
     restarted = results(running[0])[before:]
     assert restarted and restarted[0]["resumed_from"] == 0 and restarted[0]["step"] == 4
 
-    # 4. resume, SIGKILL between trials: right after one more trial has finished.
-    finals0 = sum(any(x.get("final") for x in results(d)) for d in trial_dirs(study_dir))
+    # 4. The study file edited by hand: the resume says so and runs the copy taken at launch (40 steps, not 48);
+    # SIGKILL between trials, the moment a seeded number of trials have finished.
+    finals0 = finished()
     assert finals0 <= 2, "step 3's Ctrl-C let the study run to its last trial"
-
-    def between() -> bool:
-        # The moment one more trial's final result lands (polled every 0.1 s; one trial runs at a time), before the
-        # next trial has got going.
-        finals = sum(any(x.get("final") for x in results(d)) for d in trial_dirs(study_dir))
-        return finals0 < finals < 4
-
+    original = f.read_text()
+    f.write_text(original.replace("steps: 40", "steps: 48"))
+    target = rng.randint(finals0 + 1, n - 1)
     p = start_driver(["resume", str(study_dir)], logs[3], tmp_path)
-    kill_when(p, between, logs[3])
+    kill_when(p, lambda: finished() >= target, logs[3])
     wait(p)
+    assert "changed since the study began (budget.steps: 40 -> 48)" in logs[3].read_text()
+    assert "resuming with the copy taken at launch" in logs[3].read_text()
+    at_kill = finished()
+    assert at_kill < n
 
-    # 5. the last resume completes.
-    p = start_driver(["resume", str(study_dir)], logs[4], tmp_path)
-    rc = wait(p, 300)
-    assert rc == 0, logs[4].read_text()[-3000:]
-    a = check_agreement(study_dir, planned=4, steps=40)
-    assert all(s == [4 * i for i in range(1, 11)] for s in a["steps"].values()), a["steps"]
-    st = json.loads((study_dir / "study.json").read_text())
-    assert st["attempts"] == 5 and st["status"] == "finished"
-
-
-@pytest.mark.slow
-def test_three_kills_at_seeded_moments_and_an_edited_study_file(tmp_path):
-    """Eight trials; SIGKILL in the teacher stage, mid-trial and between trials, at moments drawn from a seeded
-    generator; a resume after each. Editing the study file is stated (the copy taken at launch runs); editing that
-    copy is refused. At the end every planned trial is one COMPLETE Optuna trial and one FINISHED MLflow run."""
-    rng = random.Random(18)
-    f = write_study(tmp_path, name="kills", seeds=list(range(8)), max_concurrent=2, max_failures=2,
-                    budget={"steps": 12, "eval_every": 4, "batch_size": 32}, **TINY)
-    cache = tmp_path / "cache"
-    study_dir = tmp_path / "runs" / "kills"
-    logs = [tmp_path / f"driver{i}.log" for i in range(5)]
-
-    def finished() -> int:
-        return sum(any(x.get("final") for x in results(d)) for d in trial_dirs(study_dir))
-
-    # 1. In the teacher stage, a seeded fraction of a second after it began.
-    delay, seen = rng.uniform(0.0, 0.5), []
-
-    def in_teacher_stage() -> bool:
-        if not seen and "teacher stage" in logs[0].read_text():
-            seen.append(time.time())
-        return bool(seen) and time.time() - seen[0] >= delay
-
-    p = start_driver(["study", str(f), "--storage", str(tmp_path / "runs"), "--tracking-uri",
-                      f"sqlite:///{tmp_path}/mlflow.db", "--cache", str(cache)], logs[0], tmp_path)
-    kill_when(p, in_teacher_stage, logs[0])
-    wait(p)
-    assert not trial_dirs(study_dir), "killed in the teacher stage"
-
-    # 2. Mid-trial: once `done` trials have finished and a running one has reported `evals` evaluations.
-    done, evals = rng.randint(0, 3), rng.randint(1, 2)
+    # 5. Mid-trial again: once a seeded number of trials have finished and the running one has reported a seeded
+    # number of evaluations in this attempt (the trial that step 4 cut short has some from before).
+    done, evals = rng.randint(at_kill, n - 1), rng.randint(1, 2)
+    start = {d: len(results(d)) for d in trial_dirs(study_dir)}
 
     def mid_trial() -> bool:
-        return finished() >= done and any(rs and not rs[-1].get("final") and len(rs) >= evals
-                                          for rs in map(results, trial_dirs(study_dir)))
+        return finished() >= done and any(rs and not rs[-1].get("final") and len(rs) - start.get(d, 0) >= evals
+                                          for d, rs in ((d, results(d)) for d in trial_dirs(study_dir)))
 
-    p = start_driver(["resume", str(study_dir)], logs[1], tmp_path)
-    kill_when(p, mid_trial, logs[1])
+    p = start_driver(["resume", str(study_dir)], logs[4], tmp_path)
+    kill_when(p, mid_trial, logs[4])
     wait(p)
-    at_kill2 = finished()
-    assert at_kill2 < 8
+    assert finished() < n
 
-    # The study file edited by hand: the resume says so and runs the copy taken at launch (12 steps, not 48).
-    original = f.read_text()
-    f.write_text(original.replace("steps: 12", "steps: 48"))
-
-    # 3. Between trials: the moment the `target`-th trial's final result lands.
-    target = rng.randint(at_kill2 + 1, 7)
-    p = start_driver(["resume", str(study_dir)], logs[2], tmp_path)
-    kill_when(p, lambda: finished() >= target, logs[2])
-    wait(p)
-    assert "changed since the study began (budget.steps: 12 -> 48)" in logs[2].read_text()
-    assert "resuming with the copy taken at launch" in logs[2].read_text()
-
-    # The folder's own copy edited: refused (exit 2, one line), nothing started; restored, the study goes on.
+    # 6. The folder's own copy edited: refused (exit 2, one line), nothing started; restored, the study goes on.
     copy = study_dir / "study.yaml"
     launched = copy.read_text()
     copy.write_text(launched.replace("max_failures: 2", "max_failures: 5"))
@@ -199,12 +168,14 @@ def test_three_kills_at_seeded_moments_and_an_edited_study_file(tmp_path):
     assert r.returncode == 2 and "was edited since the study began (max_failures: 2 -> 5)" in r.stderr, r.stderr
     copy.write_text(launched)
 
-    p = start_driver(["resume", str(study_dir)], logs[3], tmp_path)
-    assert wait(p, 420) == 0, logs[3].read_text()[-3000:]
-    a = check_agreement(study_dir, planned=8, steps=12)
-    assert all(s == [4, 8, 12] for s in a["steps"].values()), a["steps"]
+    # 7. the last resume completes.
+    p = start_driver(["resume", str(study_dir)], logs[5], tmp_path)
+    rc = wait(p, 420)
+    assert rc == 0, logs[5].read_text()[-3000:]
+    a = check_agreement(study_dir, planned=n, steps=40)
+    assert all(s == [4 * i for i in range(1, 11)] for s in a["steps"].values()), a["steps"]
     st = json.loads((study_dir / "study.json").read_text())
-    assert st["attempts"] == 4 and st["status"] == "finished"
+    assert st["attempts"] == 6 and st["status"] == "finished"
     assert len(_teacher_dirs(cache)) == 1
 
 
@@ -413,7 +384,7 @@ def test_failing_trials_locked_mlflow_second_driver_and_secrets(tmp_path, cache)
     assert "fault.raise_at_step=12" in rows[1]["error"], rows[1]
     assert "non-finite loss" in rows[2]["error"], rows[2]
     # Retried as configured (max_failures 1): each failing trial ran twice.
-    from abd_ray.study.runner import tune_trials
+    from abd_ray.study.tuner import tune_trials
 
     nfail = {tr["trial_id"]: tr["num_failures"] for tr in tune_trials(str(study_dir / "tune"))}
     assert nfail[rows[1]["trial_id"]] == 2 and nfail[rows[2]["trial_id"]] == 2 and nfail[rows[0]["trial_id"]] == 0
@@ -444,7 +415,8 @@ def test_failing_trials_locked_mlflow_second_driver_and_secrets(tmp_path, cache)
 
 
 def test_replay_keeps_records_while_mlflow_is_unreachable(tmp_path):
-    from abd_ray.study.callbacks import TRACKING_ERRORS, replay_tracking_errors
+    from abd_ray.study.folder import TRACKING_ERRORS
+    from abd_ray.study.sync import replay_tracking_errors
 
     (tmp_path / "study.json").write_text(json.dumps({
         "tracking_uri": f"sqlite:///{tmp_path}/no/such/dir/mlflow.db", "mlflow_experiment_id": "1",

@@ -58,6 +58,23 @@ def test_study_end_to_end(tmp_path, cache, capsys):
     hist = a["tracker"].client.get_metric_history(run["run_id"], "asr")
     assert [m.step for m in hist] == [4, 8, 12]
 
+    # The trial-to-MLflow sync is idempotent: replaying every trial's records from Tune's files changes nothing.
+    from abd_ray.study.folder import StudyFolder, experiment_path
+    from abd_ray.study.sync import sync_trial
+    from abd_ray.study.tuner import tune_trials
+
+    st, t = a["state"], a["tracker"]
+
+    def runs() -> dict:
+        return {r["run_id"]: (r["trial_id"], r["status"], sorted(t.artifacts(r["run_id"])))
+                for r in t.child_runs(st["mlflow_experiment_id"], st["parent_run_id"])}
+
+    before = runs()
+    for tr in tune_trials(experiment_path(st)):
+        assert sync_trial(t, st["mlflow_experiment_id"], st["parent_run_id"], StudyFolder(study_dir).study_file(),
+                          tr) == 0
+    assert runs() == before and len(before) == 3
+
     # The report: per-cell Pareto front, paper-style table, der, recommendation; files in the study folder.
     rep = a["report"]
     assert rep["table"][0]["defense"] == "none" and rep["table"][0]["n"] == 1

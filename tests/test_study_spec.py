@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from abd_ray.stats import format_mean_std, mean_std
-from abd_ray.study.report import by_config, pareto_front, recommend, render_markdown
+from abd_ray.study.front import by_config, pareto_front, recommend
+from abd_ray.study.report import render_markdown
 from abd_ray.study.spec import StudySpec, StudySpecError, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,10 @@ def test_base_is_valid():
         ("budget.eval_every", 50, "the run would never be evaluated"),
         ("max_concurrent", 0, "max_concurrent: must be >= 1"),
         ("teacher.arch", "wrn99", "teacher.arch: unknown model 'wrn99'"),
-        ("attack.target", 10, "attack.target: 10 is not a class"),
+        ("attack.target", 10, "attack.target=10 is not a class; allowed: 0..9"),
+        ("attack.poison_ratio", 1.5, "attack.poison_ratio=1.5 is outside (0, 1]"),
+        ("attack.pattern_file", "no/such.png", "attack.pattern_file='no/such.png' does not exist"),
+        ("teacher.epochs", 0, "teacher epochs=0 must be a positive integer"),
         ("search.num_samples", 0, "search.num_samples: must be >= 1"),
         ("search.space.inner_round", {"low": 1, "high": 2}, "excludes the default 10"),
         ("search", ..., "search: is missing"),

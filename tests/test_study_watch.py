@@ -68,17 +68,17 @@ def test_trials_are_named_by_what_they_are(study):
 def test_verbose_brings_rays_output_back(monkeypatch):
     import logging
 
-    from abd_ray.study.cli import _verbosity
+    from abd_ray.cli.studies import set_verbosity
     from abd_ray.study.trainable import VERBOSE_ENV, quiet_ray_logs
 
     monkeypatch.setenv(VERBOSE_ENV, "0")
     monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "0")
     logger = logging.getLogger("ray.train")
     monkeypatch.setattr(logger, "level", logging.INFO)
-    _verbosity(True)
+    set_verbosity(True)
     quiet_ray_logs()
     assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1" and logger.level == logging.INFO
-    _verbosity(False)
+    set_verbosity(False)
     quiet_ray_logs()
     assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0" and logger.level == logging.WARNING
 
@@ -126,7 +126,7 @@ def test_status_of_a_finished_study(study):
 def test_status_while_a_driver_holds_the_lock(study, tmp_path):
     from filelock import FileLock, Timeout
 
-    from abd_ray.study.runner import lock
+    from abd_ray.study.folder import StudyFolder
 
     # A copy of the folder, so that the module's study stays finished for the other tests.
     d = tmp_path / "tiny"
@@ -144,7 +144,7 @@ def test_status_while_a_driver_holds_the_lock(study, tmp_path):
         db.execute("DELETE FROM trials WHERE trial_id IN (SELECT trial_id FROM trial_user_attributes "
                    "WHERE key = 'tune_trial_id' AND value_json = ?)", (json.dumps(trial["trial_id"]),))
     db.close()
-    lk = lock(d)
+    lk = StudyFolder(d).lock()
     try:
         p = _status(str(d), "--json", "--no-mlflow")
         assert p.returncode == 0, p.stderr

@@ -1,21 +1,17 @@
-"""The driver-side Tune callback that writes a study into MLflow.
+"""The driver-side Tune callbacks of a study: MLflow child runs, the progress table, the free-space guard.
 
 Ray's own MLflow integrations keep no state and do not nest runs, so a restored experiment would open a second
-run for a trial that was running when the driver died. This callback instead:
-
-- finds a trial's child run by its tags (parent run id + Tune trial id) before creating one, so a restarted or
-  restored trial reuses its run;
-- logs an evaluation's metrics only if its step is beyond the last step the run already holds (read back from
-  MLflow once per run and driver), so a trial restarted from an older checkpoint never logs a step twice;
-- logs the final artifacts from the trial's last checkpoint and marks the run FINISHED (or FAILED).
+run for a trial that was running when the driver died. :class:`MLflowTrialCallback` instead goes through the
+idempotent sync of :mod:`abd_ray.study.sync`: it finds a trial's child run by its tags before creating one, logs an
+evaluation only if its step is beyond the last step the run holds (read back from MLflow once per run and driver),
+and logs the final artifacts from the trial's last checkpoint.
 
 A write that fails (database locked, server away) never ends the experiment: it is recorded in the study folder's
-``tracking_errors.jsonl``, and :func:`replay_tracking_errors` (run by the driver when a study ends, and again by
-``abd-ray resume``) logs what is missing from Tune's own records of those trials (``result.json`` and the final
-checkpoint), once the database answers again. Records it could not replay stay in the file and the report counts them.
+``tracking_errors.jsonl``, and :func:`abd_ray.study.sync.replay_tracking_errors` (run by the driver when a study
+ends, and again by ``abd-ray resume``) logs what is missing from Tune's own records once the database answers.
 
-It holds only the study folder across pickling (Tune pickles callbacks into the experiment); the tracking URI,
-experiment and parent run are read from the folder's ``study.json``, so ``abd-ray resume --tracking-uri`` can
+The callback holds only the study folder across pickling (Tune pickles callbacks into the experiment); the tracking
+URI, experiment and parent run are read from the folder's ``study.json``, so ``abd-ray resume --tracking-uri`` can
 point a study at a moved database.
 """
 
@@ -31,47 +27,20 @@ from typing import Any
 from ray.tune import Callback, CLIReporter
 
 from abd_ray.study.diskspace import check_free_space, stopped_hint
-from abd_ray.study.spec import split_config
-from abd_ray.study.trainable import ARTIFACTS, FINAL_FILE, trial_label
+from abd_ray.study.folder import StudyFolder
+from abd_ray.study.sync import (
+    NO_REASON,
+    SENTINEL,
+    ensure_child,
+    finish_run,
+    log_final_artifacts,
+    log_final_metrics,
+    metrics_of,
+    result_step,
+    run_status,
+)
 
 log = logging.getLogger(__name__)
-
-# Keys Tune adds to every result; they are bookkeeping, not metrics of the run.
-TUNE_KEYS = {
-    "done", "training_iteration", "trial_id", "date", "timestamp", "time_this_iter_s", "time_total_s", "pid",
-    "hostname", "node_ip", "config", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name",
-    "experiment_tag", "should_checkpoint", "step", "final", "node_id", "episodes_total", "timesteps_total",
-    "timesteps_since_restore", "episode_reward_mean", "warmup_time",
-}
-SENTINEL = "clean_acc"  # reported at every evaluation: its history tells which steps a run already holds
-
-
-def read_state(study_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(study_dir) / "study.json").read_text())
-
-
-TRACKING_ERRORS = "tracking_errors.jsonl"
-TRACKING_REPLAYED = "tracking_errors.replayed.jsonl"
-
-
-def metrics_of(result: dict[str, Any]) -> dict[str, float]:
-    """The metrics of a Tune result: numbers, minus Tune's bookkeeping keys."""
-    return {k: v for k, v in result.items()
-            if k not in TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def ensure_child(t, exp_id: str, parent: str, trial_id: str, config: dict[str, Any],
-                 study_file: Path | None) -> tuple[str, bool]:
-    """The child run of a trial: found by its tags, or created with its params; returns (run id, created)."""
-    rid = t.find_child(exp_id, parent, trial_id)
-    if rid is not None:
-        return rid, False
-    _, meta = split_config(config)
-    rid = t.start_child(exp_id, parent, trial_id, trial_label(config, trial_id), dict(config),
-                        {"abd_ray.kind": meta.get("study.kind", ""), "abd_ray.cell": meta.get("study.cell", "")})
-    if study_file is not None:
-        t.log_artifact(rid, study_file)
-    return rid, True
 
 
 # After a failed write the hooks leave MLflow alone this long, recording what they skip for the replay, so a server
@@ -141,7 +110,7 @@ class MLflowTrialCallback(Callback):
         if step is not None:
             rec["step"] = step
         try:
-            with open(Path(self.study_dir) / TRACKING_ERRORS, "a") as f:
+            with open(StudyFolder(self.study_dir).tracking_errors, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         except OSError:
             pass
@@ -150,12 +119,12 @@ class MLflowTrialCallback(Callback):
         if self._tracker is None:
             from abd_ray.tracking import Tracker
 
-            st = read_state(self.study_dir)
+            folder = StudyFolder(self.study_dir)
+            st = folder.read_state()
             self._tracker = Tracker(st["tracking_uri"])
             self._exp_id = st["mlflow_experiment_id"]
             self._parent = st["parent_run_id"]
-            f = Path(self.study_dir) / "study.yaml"
-            self._study_file = f if f.exists() else None
+            self._study_file = folder.study_file()
         return self._tracker
 
     def run_id(self, trial) -> str:
@@ -189,23 +158,18 @@ class MLflowTrialCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info: Any) -> None:
         rid = self.run_id(trial)
         t = self._t()
-        step = int(result.get("step", result.get("training_iteration", 0)))
-        metrics = metrics_of(result)
+        step = result_step(result)
         node = result.get("node_id")
         if node and self._node.get(rid) != node:
             t.set_tags(rid, {"ray.node_id": node, "ray.node_ip": result.get("node_ip", "")})
             self._node[rid] = node
         if result.get("final"):
-            # The final record repeats the last evaluation: log only what no evaluation logged (wall time, ...).
-            have = t.metric_keys(rid)
-            extra = {k: v for k, v in metrics.items() if k not in have}
-            if extra:
-                t.log_metrics(rid, extra, step)
+            log_final_metrics(t, rid, result)
             self._last_step[rid] = max(self._last(rid), step)
             return
         if step <= self._last(rid):
             return  # already logged by an earlier attempt of this trial
-        t.log_metrics(rid, metrics, step)
+        t.log_metrics(rid, metrics_of(result), step)
         self._last_step[rid] = step
 
     @_guarded
@@ -216,14 +180,11 @@ class MLflowTrialCallback(Callback):
         if ok and trial.checkpoint is not None:
             try:
                 with trial.checkpoint.as_directory() as d:
-                    if (Path(d) / ARTIFACTS).is_dir():
-                        t.log_artifacts(rid, Path(d) / ARTIFACTS)
-                    if (Path(d) / FINAL_FILE).exists():
-                        t.log_artifact(rid, Path(d) / FINAL_FILE)
+                    log_final_artifacts(t, rid, Path(d))
             except Exception as e:  # noqa: BLE001 - a missing artifact must not fail the study
                 log.warning("could not log the artifacts of trial %s: %s", trial.trial_id, e)
                 t.set_tags(rid, {"abd_ray.artifacts_error": str(e)[:500]})
-        t.set_status(rid, "FINISHED" if ok else "FAILED")
+        finish_run(t, rid, run_status("TERMINATED", ok))
 
     @_guarded
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
@@ -236,104 +197,7 @@ class MLflowTrialCallback(Callback):
                 reason = Path(err).read_text()[-2000:]
         except OSError:
             pass
-        t.set_tags(rid, {"abd_ray.error": reason or "trial failed (see Tune's error file)"})
-        t.set_status(rid, "FAILED")
-
-
-# --- replay ---------------------------------------------------------------------------------------------------------
-
-
-def _results(trial_path: str) -> list[dict[str, Any]]:
-    f = Path(trial_path) / "result.json"
-    if not f.exists():
-        return []
-    out = []
-    for line in f.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a killed driver
-    return out
-
-
-def sync_trial(t, exp_id: str, parent: str, study_file: Path | None, trial: dict[str, Any]) -> int:
-    """Bring one trial's MLflow run in line with Tune's records; returns how many metric steps were logged.
-
-    Idempotent: steps the run holds are skipped, artifacts already there are not logged again.
-    """
-    rid, _ = ensure_child(t, exp_id, parent, trial["trial_id"], trial["config"], study_file)
-    have = set(t.logged_steps(rid, SENTINEL))
-    logged = 0
-    final = None
-    for r in _results(trial["path"]):
-        if r.get("final"):
-            final = r
-            continue
-        step = int(r.get("step", r.get("training_iteration", 0)))
-        if step in have:
-            continue
-        t.log_metrics(rid, metrics_of(r), step)
-        have.add(step)
-        logged += 1
-    if final is not None:
-        keys = t.metric_keys(rid)
-        extra = {k: v for k, v in metrics_of(final).items() if k not in keys}
-        if extra:
-            t.log_metrics(rid, extra, int(final.get("step", 0)))
-    if trial["status"] == "TERMINATED" and final is not None:
-        arts = set(t.artifacts(rid))
-        for ck in sorted(Path(trial["path"]).glob("checkpoint_*"), reverse=True):
-            if (ck / FINAL_FILE).exists():
-                if (ck / ARTIFACTS).is_dir() and not any(a.startswith("student") for a in arts):
-                    t.log_artifacts(rid, ck / ARTIFACTS)
-                if FINAL_FILE not in arts:
-                    t.log_artifact(rid, ck / FINAL_FILE)
-                break
-        if t.status(rid) != "FINISHED":
-            t.set_status(rid, "FINISHED")
-    elif trial["status"] == "ERROR":
-        t.set_tags(rid, {"abd_ray.error": trial.get("error") or "trial failed (see Tune's error file)"})
-        if t.status(rid) != "FAILED":
-            t.set_status(rid, "FAILED")
-    return logged
-
-
-def replay_tracking_errors(study_dir: str | Path, trials: list[dict[str, Any]]) -> dict[str, int]:
-    """Log into MLflow what the callback could not, from Tune's records of the trials its failures touched.
-
-    Returns:
-        ``{"replayed": records resolved, "pending": records still failing, "steps": metric steps logged}``.
-        Resolved records move to ``tracking_errors.replayed.jsonl``; pending ones stay in ``tracking_errors.jsonl``.
-    """
-    from abd_ray.tracking import Tracker
-
-    study_dir = Path(study_dir)
-    errs = study_dir / TRACKING_ERRORS
-    if not errs.exists():
-        return {"replayed": 0, "pending": 0, "steps": 0}
-    records = [json.loads(x) for x in errs.read_text().splitlines() if x.strip()]
-    if not records:
-        errs.unlink()
-        return {"replayed": 0, "pending": 0, "steps": 0}
-    st = read_state(study_dir)
-    by_id = {tr["trial_id"]: tr for tr in trials}
-    f = study_dir / "study.yaml"
-    study_file = f if f.exists() else None
-    steps = 0
-    try:
-        t = Tracker(st["tracking_uri"])
-        for tid in dict.fromkeys(r["trial_id"] for r in records):
-            if tid in by_id:
-                steps += sync_trial(t, st["mlflow_experiment_id"], st["parent_run_id"], study_file, by_id[tid])
-    except Exception as e:  # noqa: BLE001 - still unreachable: keep the records for the next attempt
-        log.warning("MLflow still unreachable (%s: %s); %d tracking records kept in %s", type(e).__name__, e,
-                    len(records), errs)
-        return {"replayed": 0, "pending": len(records), "steps": steps}
-    with open(study_dir / TRACKING_REPLAYED, "a") as out:
-        for r in records:
-            out.write(json.dumps({**r, "replayed": time.time()}) + "\n")
-    errs.unlink()
-    return {"replayed": len(records), "pending": 0, "steps": steps}
+        finish_run(t, rid, run_status("ERROR", None), error=reason or NO_REASON)
 
 
 # --- console --------------------------------------------------------------------------------------------------------

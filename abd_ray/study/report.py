@@ -15,78 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from abd_ray.stats import format_mean_std, format_ms, mean_std
-
-REPORT_DIR = "report"
-
-
-# --- pure pieces ----------------------------------------------------------------------------------------------------
-
-
-def pareto_front(points: list[dict[str, Any]], acc: str = "clean_acc", asr: str = "asr") -> list[dict[str, Any]]:
-    """The non-dominated points (higher ``acc``, lower ``asr``), sorted by ``asr`` then ``-acc``.
-
-    A point is dominated when another is at least as good in both and better in one. NaN points are skipped.
-    """
-    pts = [p for p in points if _finite(p.get(acc)) and _finite(p.get(asr))]
-    front = []
-    for p in pts:
-        dominated = any(
-            q[acc] >= p[acc] and q[asr] <= p[asr] and (q[acc] > p[acc] or q[asr] < p[asr]) for q in pts
-        )
-        if not dominated:
-            front.append(p)
-    return sorted(front, key=lambda p: (p[asr], -p[acc]))
-
-
-def hypervolume(points: list[tuple[float, float]]) -> float:
-    """Area dominated by ``(clean_acc, asr)`` points, clean_acc maximised and asr minimised, reference point
-    (0, 100): both in percent, so the largest possible value is 10,000."""
-    pts = sorted(((a, 100.0 - s) for a, s in points if a == a and s == s and a > 0 and s < 100), reverse=True)
-    hv, best_y = 0.0, 0.0
-    for x, y in pts:  # x descending: each point adds the strip above the best y so far
-        if y > best_y:
-            hv += x * (y - best_y)
-            best_y = y
-    return hv
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Finished runs of one cell grouped by configuration (defense and hyperparameters) across seeds: one row per
-    configuration with the mean, sample std and count ``n`` of clean_acc / asr / robust_acc, its seeds and trials
-    (``trial_id`` is the first of them)."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        if _finite(r.get("clean_acc")) and _finite(r.get("asr")):
-            key = json.dumps([r["defense"], r.get("kind"), r.get("params", {})], sort_keys=True, default=str)
-            groups.setdefault(key, []).append(r)
-    out = []
-    for grp in groups.values():
-        agg = {**grp[0], "n": len(grp), "trial_ids": [r["trial_id"] for r in grp],
-               "seeds": [r.get("seed") for r in grp]}
-        for k in ("clean_acc", "asr", "robust_acc"):
-            agg[k], agg[f"{k}_std"], _ = mean_std([r.get(k) for r in grp])
-        out.append(agg)
-    return out
-
-
-def recommend(rows: list[dict[str, Any]], undefended_acc: float, max_acc_drop: float,
-              defense: str | None = None) -> dict[str, Any] | None:
-    """The defended run (or configuration, for rows of :func:`by_config`) with the lowest asr whose clean_acc is
-    within ``max_acc_drop`` of the undefended one.
-
-    Ties go to the higher clean_acc. ``defense`` restricts the candidates to one defense.
-    """
-    cands = [r for r in rows if r["defense"] != "none" and (defense is None or r["defense"] == defense)
-             and _finite(r.get("clean_acc")) and _finite(r.get("asr"))
-             and (not _finite(undefended_acc) or r["clean_acc"] >= undefended_acc - max_acc_drop)]
-    if not cands:
-        return None
-    return min(cands, key=lambda r: (r["asr"], -r["clean_acc"]))
-
+from abd_ray.study.folder import REPORT_DIR, StudyFolder
+from abd_ray.study.front import by_config, finite, hypervolume, pareto_front, recommend
+from abd_ray.study.spec import cell_key
 
 # --- reading a study ------------------------------------------------------------------------------------------------
 
@@ -100,13 +31,13 @@ def trial_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
         def m(key: str, r=r, final=final) -> float:
             v = r.get(key)
-            return float(v) if final and _finite(v) else float("nan")
+            return float(v) if final and finite(v) else float("nan")
 
         rows.append({
             "trial_id": tr["trial_id"],
             "status": tr["status"] if (final or tr["status"] != "TERMINATED") else "INCOMPLETE",
             "kind": c.get("study.kind", "grid"),
-            "cell": c.get("study.cell", f"{c.get('attack.name')}/{c.get('synthesizer')}"),
+            "cell": c.get("study.cell", cell_key(c.get("attack.name"), c.get("synthesizer"))),
             "attack": c.get("attack.name"),
             "synthesizer": c.get("synthesizer"),
             "defense": c.get("defense"),
@@ -127,7 +58,7 @@ def trial_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _undefended_runs(rows: list[dict[str, Any]], cell: str, seed: Any = None) -> list[dict[str, Any]]:
     """The cell's finished undefended runs: the twin of ``seed`` if there is one, else all of them."""
-    base = [r for r in rows if r["cell"] == cell and r["defense"] == "none" and _finite(r["clean_acc"])]
+    base = [r for r in rows if r["cell"] == cell and r["defense"] == "none" and finite(r["clean_acc"])]
     return [r for r in base if r["seed"] == seed] or base
 
 
@@ -139,23 +70,16 @@ def _undefended(rows: list[dict[str, Any]], cell: str, seed: Any = None) -> tupl
 def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, Any]:
     """Everything the report shows, as one JSON-able dict."""
     from abd_ray.metrics import der as der_of  # torch: imported here, so that `abd-ray status` stays fast
-    from abd_ray.study.runner import experiment_path, optuna_names, read_state, tune_trials
-    from abd_ray.study.spec import load_spec
+    from abd_ray.study.tuner import optuna_names, study_trials
 
-    if not _finite(max_acc_drop) or max_acc_drop < 0:
+    if not finite(max_acc_drop) or max_acc_drop < 0:
         raise ValueError(f"--max-acc-drop {max_acc_drop!r} must be a number >= 0 (percentage points), e.g. 5")
-    study_dir = Path(study_dir).expanduser().resolve()
-    state = read_state(study_dir)
-    spec = load_spec(study_dir / "study.yaml", base_dir=state.get("cwd"))
-    import dataclasses
-
-    spec = dataclasses.replace(spec, name=state["name"])
-    from ray.tune import Tuner
-
-    path = experiment_path(state)
-    trials = tune_trials(path) if Tuner.can_restore(path) else []
+    folder = StudyFolder(study_dir)
+    state = folder.read_state()
+    spec = folder.spec(state)
+    trials = study_trials(state)
     rows = trial_rows(trials)
-    done = [r for r in rows if _finite(r["clean_acc"])]
+    done = [r for r in rows if finite(r["clean_acc"])]
     cells = sorted({r["cell"] for r in rows})
 
     # der of each defended run against its undefended twin (same cell and seed; else the cell's mean).
@@ -164,13 +88,14 @@ def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, 
         if r["defense"] == "none":
             continue
         acc0, asr0 = _undefended(rows, r["cell"], r["seed"])
-        d = der_of(acc0, asr0, r["clean_acc"], r["asr"]) if _finite(acc0) else float("nan")
+        d = der_of(acc0, asr0, r["clean_acc"], r["asr"]) if finite(acc0) else float("nan")
         r["der"] = d
         ders.append({"trial_id": r["trial_id"], "cell": r["cell"], "defense": r["defense"], "seed": r["seed"],
                      "kind": r["kind"], "clean_acc": r["clean_acc"], "asr": r["asr"], "undefended_clean_acc": acc0,
                      "undefended_asr": asr0, "der": d})
 
     fronts, recs = {}, {}
+    # A search study recommends a configuration of the defense it searches; a grid study, any defended run.
     search_def = spec.search.defense if spec.search else None
     for cell in cells:
         pts = [r for r in done if r["cell"] == cell]
@@ -178,13 +103,12 @@ def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, 
         acc0, asr0 = _undefended(rows, cell)
         base = _undefended_runs(rows, cell)
         # A configuration run on several seeds is judged by its mean over them, and says how many it rests on.
-        rec = recommend(by_config(pts), acc0, max_acc_drop,
-                        defense="abd" if any(r["defense"] == "abd" for r in pts) else search_def)
-        if rec is not None and rec["n"] > 1 and _finite(acc0):
+        rec = recommend(by_config(pts), acc0, max_acc_drop, defense=search_def)
+        if rec is not None and rec["n"] > 1 and finite(acc0):
             rec["der"] = der_of(acc0, asr0, rec["clean_acc"], rec["asr"])
         recs[cell] = None if rec is None else {
             **_brief(rec), "undefended_clean_acc": acc0, "undefended_asr": asr0,
-            "acc_drop": acc0 - rec["clean_acc"] if _finite(acc0) else None,
+            "acc_drop": acc0 - rec["clean_acc"] if finite(acc0) else None,
             **{k: rec[k] for k in ("n", "seeds", "trial_ids", "clean_acc_std", "asr_std")},
             "undefended": {k: format_mean_std([r[k] for r in base]) for k in ("clean_acc", "asr")},
         }
@@ -207,12 +131,12 @@ def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, 
                               "clean_acc_text": format_mean_std([r["clean_acc"] for r in grp]),
                               "asr_text": format_mean_std([r["asr"] for r in grp])})
 
-    counts = _counts(spec, state, study_dir, rows, optuna_names(spec))
+    counts = _counts(state, folder, rows, optuna_names(spec))
     from abd_ray.tracking import ui_links
 
     return {
         "study": state["name"],
-        "study_dir": str(study_dir),
+        "study_dir": str(folder),
         "status": state.get("status"),
         "max_acc_drop": max_acc_drop,
         "counts": counts,
@@ -245,14 +169,14 @@ def _brief(r: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _counts(spec, state: dict[str, Any], study_dir: Path, rows: list[dict[str, Any]],
+def _counts(state: dict[str, Any], folder: StudyFolder, rows: list[dict[str, Any]],
             names: list[str]) -> dict[str, Any]:
     from abd_ray.study.search import optuna_counts
 
     tune_counts: dict[str, int] = {}
     for r in rows:
         tune_counts[r["status"]] = tune_counts.get(r["status"], 0) + 1
-    opt = optuna_counts(str(study_dir), names)
+    opt = optuna_counts(str(folder), names)
     optuna_total: dict[str, int] = {}
     for c in opt.values():
         for k, v in c.items():
@@ -270,7 +194,7 @@ def _counts(spec, state: dict[str, Any], study_dir: Path, rows: list[dict[str, A
     except Exception as e:  # noqa: BLE001 - a report must still come out when the tracking server is away
         ml = {"error": f"{type(e).__name__}: {e}"}
     n_search = sum(r["kind"] == "search" for r in rows)
-    errs = study_dir / "tracking_errors.jsonl"
+    errs = folder.tracking_errors
     ml["tracking_errors"] = len(errs.read_text().splitlines()) if errs.exists() else 0
     return {"planned": state.get("planned_trials"), "tune": tune_counts, "tune_total": len(rows),
             "search_trials": n_search, "optuna": opt, "optuna_total": optuna_total, "mlflow": ml}
@@ -280,7 +204,7 @@ def _counts(spec, state: dict[str, Any], study_dir: Path, rows: list[dict[str, A
 
 
 def _f(v: Any, nd: int = 1) -> str:
-    return f"{v:.{nd}f}" if _finite(v) else "-"
+    return f"{v:.{nd}f}" if finite(v) else "-"
 
 
 def _params(p: dict[str, Any]) -> str:
@@ -400,10 +324,10 @@ def write_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> tuple[dict
         The report dict (with ``files``) and its Markdown.
     """
     rep = build_report(study_dir, max_acc_drop)
-    out = Path(rep["study_dir"]) / REPORT_DIR
+    out = StudyFolder(rep["study_dir"]).report_dir
     out.mkdir(exist_ok=True)
     pngs = {}
-    done = [r for r in rep["trials"] if _finite(r["clean_acc"])]
+    done = [r for r in rep["trials"] if finite(r["clean_acc"])]
     for cell, front in rep["pareto"].items():
         png = out / f"pareto_{cell.replace('/', '_')}.png"
         plot_pareto([r for r in done if r["cell"] == cell], front, cell, png)
@@ -431,7 +355,7 @@ def summary_metrics(rep: dict[str, Any]) -> dict[str, float]:
     for cell, r in rep["recommended"].items():
         if r is not None:
             out.update({f"{cell}/recommended_clean_acc": r["clean_acc"], f"{cell}/recommended_asr": r["asr"]})
-    return {k: v for k, v in out.items() if _finite(v)}
+    return {k: v for k, v in out.items() if finite(v)}
 
 
 def _log_to_parent(rep: dict[str, Any], folder: Path) -> None:
@@ -440,16 +364,15 @@ def _log_to_parent(rep: dict[str, Any], folder: Path) -> None:
     the report is written in the study folder either way."""
     import logging
 
-    from abd_ray.study.runner import read_state
     from abd_ray.tracking import Tracker
 
-    state = read_state(rep["study_dir"])
+    state = StudyFolder(rep["study_dir"]).read_state()
     if not state.get("parent_run_id"):
         return
     try:
         t = Tracker(state["tracking_uri"])
         t.log_artifacts(state["parent_run_id"], folder, REPORT_DIR)
-        t.log_metrics(state["parent_run_id"], summary_metrics(rep), sum(_finite(r["clean_acc"]) for r in rep["trials"]))
+        t.log_metrics(state["parent_run_id"], summary_metrics(rep), sum(finite(r["clean_acc"]) for r in rep["trials"]))
     except Exception as e:  # noqa: BLE001 - the report is safe in the folder; MLflow is a copy
         logging.getLogger(__name__).warning("could not log the report to MLflow run %s: %s: %s",
                                             state["parent_run_id"], type(e).__name__, e)

@@ -11,7 +11,6 @@ must import it again.
 
 from __future__ import annotations
 
-import os
 import pickle
 from typing import Any
 
@@ -19,6 +18,7 @@ import optuna
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from abd_ray.study.folder import StudyFolder
 from abd_ray.study.spec import Param, SearchSpec, StudySpec
 
 METRICS = ["clean_acc", "asr"]
@@ -77,10 +77,6 @@ def make_sampler(search: SearchSpec) -> optuna.samplers.BaseSampler:
     raise ValueError(f"unknown sampler {search.sampler!r}; allowed: tpe, nsga2, gp, random")
 
 
-def optuna_storage_url(study_dir: str) -> str:
-    return f"sqlite:///{study_dir}/optuna.db"
-
-
 def optuna_study_name(study: str, cell: str) -> str:
     return f"{study}:{cell}"
 
@@ -114,7 +110,7 @@ def cell_searchers(spec: StudySpec, study_dir: str, constants: dict[str, dict[st
         constants: per cell (``attack/synth``), the flat config shared by its trials.
     """
     assert spec.search is not None
-    storage = optuna.storages.RDBStorage(optuna_storage_url(study_dir))
+    storage = optuna.storages.RDBStorage(StudyFolder(study_dir).optuna_url)
     out = {}
     for cell, const in constants.items():
         points = [default_point(spec.search)] if spec.search.include_defaults else None
@@ -133,10 +129,8 @@ def cell_searchers(spec: StudySpec, study_dir: str, constants: dict[str, dict[st
 class StudySearcher(Searcher):
     """Issues a study's trials: its fixed trials and each cell's Optuna search until it has its ``num_samples``.
 
-    Order: the defended fixed trials, then the searches, then the undefended fixed trials. The undefended trials
-    are the cheapest (no vaccine, no SR), so they fill the last worker slots while the costly trials finish: longest
-    first packs a study tighter on its workers than the baseline first (the quickstart on two workers, undefended
-    trial first, ended with its last ABD trial running alone beside an idle worker).
+    Order: the defended fixed trials, then the searches, then the undefended fixed trials: the undefended trials are
+    the cheapest (no vaccine, no SR), so longest first leaves them to fill the last worker slots.
 
     Args:
         fixed: flat configs of the fixed (grid) trials.
@@ -178,13 +172,25 @@ class StudySearcher(Searcher):
         cfg = self.cells[cell].suggest(trial_id)
         if cfg is None:
             return None
-        # Tag the Optuna trial with Tune's id, so a failure's reason can be attached to it later (record_errors).
-        ot = getattr(self.cells[cell], "_ot_trials", {}).get(trial_id)
-        if ot is not None:
-            ot.set_user_attr("tune_trial_id", trial_id)
+        self._tag_last_trial(optuna_study_name(self.study, cell), trial_id)
         self.issued[cell] += 1
         self.owner[trial_id] = cell
         return cfg
+
+    def _tag_last_trial(self, study_name: str, trial_id: str) -> None:
+        """Tag the Optuna trial just asked for with Tune's id, so a failure's reason can be attached to it later
+        (:func:`record_errors`). The searcher runs in the driver alone: the one is the cell's newest running trial
+        that no Tune trial has claimed."""
+        if self.study_dir is None:
+            return
+        storage = optuna.storages.RDBStorage(StudyFolder(self.study_dir).optuna_url)
+        sid = storage.get_study_id_from_name(study_name)
+        running = [t for t in storage.get_all_trials(sid, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                   if "tune_trial_id" not in t.user_attrs]
+        if running:
+            number = max(t.number for t in running)
+            storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(sid, number),
+                                        "tune_trial_id", trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # Multi-objective Optuna takes no intermediate values, and no pruner runs here (a trial stopped early would
@@ -212,7 +218,7 @@ class StudySearcher(Searcher):
         if self.study_dir is None:
             return
         cfg = self.fixed[self.fixed_of[trial_id]]
-        storage = optuna.storages.RDBStorage(optuna_storage_url(self.study_dir))
+        storage = optuna.storages.RDBStorage(StudyFolder(self.study_dir).optuna_url)
         study = optuna.create_study(study_name=grid_study_name(self.study, cfg["study.cell"]), storage=storage,
                                     directions=["maximize" if m == "max" else "minimize" for m in MODES],
                                     load_if_exists=True)
@@ -249,7 +255,7 @@ def close_orphans(study_dir: str, study_names: list[str]) -> int:
     Called only once every Tune trial has ended: an Optuna trial still RUNNING then belongs to a driver that was
     killed after asking Optuna but before Tune saved that trial, and the restored searcher asked again instead.
     """
-    storage = optuna.storages.RDBStorage(optuna_storage_url(study_dir))
+    storage = optuna.storages.RDBStorage(StudyFolder(study_dir).optuna_url)
     n = 0
     existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     for name in study_names:
@@ -269,9 +275,9 @@ def record_errors(study_dir: str, study_names: list[str], errors: dict[str, str]
     A finished Optuna trial takes no new attributes, so the reason goes on the study, keyed by the Tune trial id
     that the failed trial carries as its ``tune_trial_id`` attribute. Returns how many reasons were attached.
     """
-    if not errors or not os.path.exists(os.path.join(study_dir, "optuna.db")):
+    if not errors or not StudyFolder(study_dir).optuna_db.exists():
         return 0
-    storage = optuna.storages.RDBStorage(optuna_storage_url(study_dir))
+    storage = optuna.storages.RDBStorage(StudyFolder(study_dir).optuna_url)
     existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     n = 0
     for name in study_names:
@@ -288,7 +294,7 @@ def record_errors(study_dir: str, study_names: list[str], errors: dict[str, str]
 
 def delete_studies(study_dir: str, study_names: list[str]) -> None:
     """Remove the cells' Optuna studies (before a fresh Tune experiment, so it never appends to old ones)."""
-    storage = optuna.storages.RDBStorage(optuna_storage_url(study_dir))
+    storage = optuna.storages.RDBStorage(StudyFolder(study_dir).optuna_url)
     existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     for name in study_names:
         if name in existing:
@@ -297,11 +303,9 @@ def delete_studies(study_dir: str, study_names: list[str]) -> None:
 
 def optuna_counts(study_dir: str, study_names: list[str]) -> dict[str, dict[str, int]]:
     """Trials per state of each cell's Optuna study."""
-    import os
-
-    if not os.path.exists(os.path.join(study_dir, "optuna.db")):
+    if not StudyFolder(study_dir).optuna_db.exists():
         return {}
-    storage = optuna.storages.RDBStorage(optuna_storage_url(study_dir))
+    storage = optuna.storages.RDBStorage(StudyFolder(study_dir).optuna_url)
     existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     out = {}
     for name in study_names:

@@ -9,43 +9,18 @@ runs by status.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from abd_ray.study.report import _finite, hypervolume, pareto_front, recommend
-from abd_ray.study.runner import EXPERIMENT, LOCK, OWNER, read_state
+from abd_ray.study.folder import StudyFolder
+from abd_ray.study.front import finite, hypervolume, pareto_front, recommend
 
 
-def driver_pid(study_dir: Path) -> int | None:
-    """The pid of the driver holding the study folder's lock, or None when no driver runs the study.
-
-    Probed with a shared, non-blocking ``flock`` on the lock file opened read-only: it fails while a driver holds
-    the exclusive lock, and otherwise is dropped at once, without creating or writing anything.
-    """
-    try:
-        fd = os.open(study_dir / LOCK, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            return int((study_dir / OWNER).read_text().strip())
-        except (OSError, ValueError):
-            return -1  # held, owner not yet written
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-def tune_snapshot(study_dir: Path) -> dict[str, dict[str, Any]]:
+def tune_snapshot(folder: StudyFolder) -> dict[str, dict[str, Any]]:
     """Trial id -> name, status, config, last result and folder, from Tune's latest experiment snapshot."""
-    exp = study_dir / EXPERIMENT
+    exp = folder.local_experiment
     states = sorted(exp.glob("experiment_state-*.json")) if exp.is_dir() else []
     if not states:
         return {}
@@ -80,9 +55,9 @@ def _last_result(folder: str) -> dict[str, Any]:
     return {}
 
 
-def optuna_trials(study_dir: Path, study: str, search_defense: str | None) -> list[dict[str, Any]]:
+def optuna_trials(folder: StudyFolder, study: str, search_defense: str | None) -> list[dict[str, Any]]:
     """The finished and failed trials of the study's Optuna studies (``optuna.db`` opened read-only)."""
-    db = study_dir / "optuna.db"
+    db = folder.optuna_db
     if not db.exists():
         return []
     import optuna
@@ -112,12 +87,12 @@ def optuna_trials(study_dir: Path, study: str, search_defense: str | None) -> li
 
 def study_status(study_dir: str | os.PathLike, max_acc_drop: float = 5.0, mlflow: bool = True) -> dict[str, Any]:
     """Everything ``abd-ray status`` shows, as one JSON-able dict."""
-    study_dir = Path(study_dir).expanduser().resolve()
-    state = read_state(study_dir)
-    pid = driver_pid(study_dir)
-    tune = tune_snapshot(study_dir)
-    search_defense = _search_defense(study_dir)
-    ended = {t["trial_id"]: t for t in optuna_trials(study_dir, state["name"], search_defense) if t["trial_id"]}
+    folder = StudyFolder(study_dir)
+    state = folder.read_state()
+    pid = folder.driver_pid()
+    tune = tune_snapshot(folder)
+    search_defense = _search_defense(folder)
+    ended = {t["trial_id"]: t for t in optuna_trials(folder, state["name"], search_defense) if t["trial_id"]}
     trials = []
     for tid, t in tune.items():
         status = t["status"]
@@ -142,7 +117,7 @@ def study_status(study_dir: str | os.PathLike, max_acc_drop: float = 5.0, mlflow
     counts["pending"] = max(0, planned - sum(counts[k] for k in ("finished", "failed", "running", "interrupted")))
 
     best = {}
-    done = [e for e in ended.values() if e["state"] == "COMPLETE" and _finite(e["clean_acc"])]
+    done = [e for e in ended.values() if e["state"] == "COMPLETE" and finite(e["clean_acc"])]
     for cell in sorted({e["cell"] for e in done}):
         rows = [e for e in done if e["cell"] == cell]
         base = [e for e in rows if e["defense"] == "none"]
@@ -155,22 +130,23 @@ def study_status(study_dir: str | os.PathLike, max_acc_drop: float = 5.0, mlflow
     status = state.get("status")
     if status == "running" and pid is None:
         status = "interrupted"  # its driver died before it could say so
-    out = {"study": state["name"], "study_dir": str(study_dir), "status": status,
+    out = {"study": state["name"], "study_dir": str(folder), "status": status,
            "attempts": state.get("attempts"), "updated": state.get("updated"), "driver_pid": pid,
            "counts": counts, "trials": sorted(trials, key=lambda t: t["name"]), "best": best,
            "max_acc_drop": max_acc_drop,
            "resume": None if pid is not None or state.get("status") == "finished"
-           else f"abd-ray resume {study_dir}"}
+           else f"abd-ray resume {folder}"}
     if mlflow:
         out["mlflow"] = _mlflow(state)
     return out
 
 
-def _search_defense(study_dir: Path) -> str | None:
+def _search_defense(folder: StudyFolder) -> str | None:
+    """The searched defense, read from the study file's YAML: validating it would load every registry (torch)."""
     import yaml
 
     try:
-        return ((yaml.safe_load((study_dir / "study.yaml").read_text()) or {}).get("search") or {}).get("defense")
+        return ((yaml.safe_load(folder.spec_copy.read_text()) or {}).get("search") or {}).get("defense")
     except (OSError, yaml.YAMLError, AttributeError):
         return None
 

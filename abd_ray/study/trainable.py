@@ -45,7 +45,6 @@ from abd_ray.study.spec import split_config
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.json"
 ARTIFACTS = "artifacts"
-PROGRESS_FILE = "progress.json"
 
 
 class InjectedFault(RuntimeError):
@@ -176,7 +175,7 @@ def train_trial(config: dict[str, Any]) -> None:
 
     quiet_ray_logs()
     run_flat, meta = split_config(config)
-    cfg = RunConfig.from_flat(run_flat)
+    cfg = RunConfig.from_flat(run_flat).resolved()  # the dataset's defaults filled in, once
     raise_at = meta.get("fault.raise_at_step")
     nan_at = meta.get("fault.nan_at_step")
     pause_s = int(meta.get("fault.pause_per_eval_s") or 0)
@@ -206,7 +205,6 @@ def train_trial(config: dict[str, Any]) -> None:
             raise InjectedFault(f"fault injection: fault.raise_at_step={raise_at} reached at step {step}")
         with tempfile.TemporaryDirectory(prefix="abd-ckpt-") as d:
             save_state(get_state(), Path(d) / STATE_FILE)
-            (Path(d) / PROGRESS_FILE).write_text(json.dumps({"step": step}))
             tune.report({**_clean(metrics), "step": step, "resumed_from": resumed_from, "node_id": node},
                         checkpoint=tune.Checkpoint.from_directory(d))
         if nan_at is not None and step >= int(nan_at):
@@ -214,11 +212,11 @@ def train_trial(config: dict[str, Any]) -> None:
         time.sleep(pause_s)
 
     result = distill(cfg, teacher=teacher, report=report, resume_state=resume_state, progress=False)
-    check_finite(result.metrics, int(cfg.resolved().steps))
-    steps = int(cfg.resolved().steps)
+    steps = int(cfg.steps)
+    check_finite(result.metrics, steps)
     final = {**_clean(result.metrics), "step": steps, "final": 1, "resumed_from": resumed_from}
     with tempfile.TemporaryDirectory(prefix="abd-final-") as d:
-        write_artifacts(Path(d) / ARTIFACTS, cfg.resolved(), result)
+        write_artifacts(Path(d) / ARTIFACTS, cfg, result)
         (Path(d) / FINAL_FILE).write_text(json.dumps(final))
         tune.report({**final, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(d))
 

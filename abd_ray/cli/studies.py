@@ -1,4 +1,4 @@
-"""The ``study``, ``resume`` and ``report`` subcommands of ``abd-ray`` (registered with :mod:`abd_ray.cli`)."""
+"""The subcommands of studies: ``study``, ``resume``, ``report``, ``status`` and ``dashboard``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import os
 import sys
 from typing import Any
 
-from abd_ray.cli import register_command
-
 VERBOSE_HELP = "Ray's own console output (its per-checkpoint lines and hints) instead of the study's table"
 
 
-def _verbosity(verbose: bool) -> None:
+def set_verbosity(verbose: bool) -> None:
     """``-v``: Ray's own console output, in the driver and (through the environment) in a local Ray's workers."""
     from abd_ray.study.cluster import VERBOSE_ENV
 
@@ -62,20 +60,27 @@ def _stopped(command: str, error: Exception) -> int:
     return 1
 
 
-def cmd_study(args: argparse.Namespace) -> int:
+def _run(command: str, args: argparse.Namespace, start) -> int:
+    """Run or continue a study, then print its report; exit 1 when it stopped before every trial ended."""
     from abd_ray.study.diskspace import StorageFull
     from abd_ray.study.report import write_report
-    from abd_ray.study.runner import launch
 
     _check_drop(args.max_acc_drop)
-    _verbosity(args.verbose)
+    set_verbosity(args.verbose)
     try:
-        study_dir, finished = launch(args.file, storage=args.storage, name=args.name, tracking_uri=args.tracking_uri,
-                                     address=args.address, smoke=args.smoke, cache_dir=args.cache)
+        study_dir, finished = start()
     except StorageFull as e:
-        return _stopped("study", e)
+        return _stopped(command, e)
     _print_end(*write_report(study_dir, args.max_acc_drop))
     return 0 if finished else 1
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from abd_ray.study.runner import launch
+
+    return _run("study", args, lambda: launch(args.file, storage=args.storage, name=args.name,
+                                              tracking_uri=args.tracking_uri, address=args.address,
+                                              smoke=args.smoke, cache_dir=args.cache))
 
 
 def _add_resume(sub) -> None:
@@ -88,22 +93,13 @@ def _add_resume(sub) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from abd_ray.study.diskspace import StorageFull
-    from abd_ray.study.report import write_report
     from abd_ray.study.runner import resume
 
-    _check_drop(args.max_acc_drop)
-    _verbosity(args.verbose)
-    try:
-        study_dir, finished = resume(args.dir, address=args.address, tracking_uri=args.tracking_uri)
-    except StorageFull as e:
-        return _stopped("resume", e)
-    _print_end(*write_report(study_dir, args.max_acc_drop))
-    return 0 if finished else 1
+    return _run("resume", args, lambda: resume(args.dir, address=args.address, tracking_uri=args.tracking_uri))
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="Pareto fronts, paper-style table, der and the recommended ABD config")
+    p = sub.add_parser("report", help="Pareto fronts, paper-style table, der and the recommended defended config")
     p.add_argument("dir", help="a study folder")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--max-acc-drop", type=float, default=5.0,
@@ -147,15 +143,12 @@ def _add_dashboard(sub) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from abd_ray.study.folder import StudyFolder
 
-    from abd_ray.study.runner import read_state
-    from abd_ray.study.search import optuna_storage_url
-
-    study_dir = Path(args.dir).expanduser().resolve()
-    read_state(study_dir)
-    if not (study_dir / "optuna.db").exists():
-        raise ValueError(f"{study_dir} has no optuna.db yet (its trials have not started); run the study first")
+    folder = StudyFolder(args.dir)
+    folder.read_state()
+    if not folder.optuna_db.exists():
+        raise ValueError(f"{folder} has no optuna.db yet (its trials have not started); run the study first")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port} is not a port number; use 1-65535, e.g. 8080")
     try:
@@ -163,16 +156,18 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     except ImportError:
         raise ValueError("optuna-dashboard is not installed; install the extra with pip install -e '.[dashboard]' "
                          "(or pip install optuna-dashboard)") from None
-    print(f"optuna-dashboard for {study_dir.name} on http://127.0.0.1:{args.port}/ (Ctrl-C stops it)", flush=True)
+    print(f"optuna-dashboard for {folder.path.name} on http://127.0.0.1:{args.port}/ (Ctrl-C stops it)", flush=True)
     try:
-        run_server(optuna_storage_url(str(study_dir)), host="127.0.0.1", port=args.port)
+        run_server(folder.optuna_url, host="127.0.0.1", port=args.port)
     except OSError as e:
         raise ValueError(f"cannot serve on 127.0.0.1:{args.port} ({e.strerror or e}); pick another --port") from None
     return 0
 
 
-register_command("study", _add_study, cmd_study)
-register_command("resume", _add_resume, cmd_resume)
-register_command("report", _add_report, cmd_report)
-register_command("status", _add_status, cmd_status)
-register_command("dashboard", _add_dashboard, cmd_dashboard)
+COMMANDS = {
+    "study": (_add_study, cmd_study),
+    "resume": (_add_resume, cmd_resume),
+    "report": (_add_report, cmd_report),
+    "status": (_add_status, cmd_status),
+    "dashboard": (_add_dashboard, cmd_dashboard),
+}

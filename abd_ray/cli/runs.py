@@ -1,26 +1,15 @@
-"""The ``abd-ray`` command.
-
-Each subcommand is a pair: ``_add_<name>(subparsers)`` declares it and ``cmd_<name>(args)`` runs it. Bad input
-is answered before any compute with one line on stderr and exit status 2 (a traceback only with ``--debug``).
-"""
+"""The subcommands of single runs: ``list`` (the registries), ``teacher`` (train or reuse one poisoned teacher) and
+``distill`` (one distillation without Ray, its teacher from the cache, trained if missing)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
-from collections.abc import Callable
 from typing import Any
 
-EXIT_USAGE = 2
 
-
-class UsageError(ValueError):
-    """Bad user input: reported in one line, exit status 2."""
-
-
-def _print_json(obj: Any) -> None:
+def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=None, sort_keys=True, default=str))
 
 
@@ -51,7 +40,7 @@ def registry_listing() -> dict[str, list[str]]:
 def cmd_list(args) -> int:
     listing = registry_listing()
     if args.json:
-        _print_json(listing)
+        print_json(listing)
     else:
         for kind, names in listing.items():
             print(f"{kind:>12}: {', '.join(names) or '(none yet)'}")
@@ -61,7 +50,7 @@ def cmd_list(args) -> int:
 # --- teacher ----------------------------------------------------------------------------------------------------
 
 
-def _add_common_data(p) -> None:
+def add_common_data(p) -> None:
     p.add_argument("--dataset", default="digits", help="dataset name (default: digits, shipped with scikit-learn)")
     p.add_argument(
         "--data-root", default=None, help="folder of the torchvision datasets (default: $ABD_RAY_DATA or ./data)"
@@ -78,7 +67,7 @@ def _add_common_data(p) -> None:
 
 def _add_teacher(sub) -> None:
     p = sub.add_parser("teacher", help="train (or reuse from the cache) a poisoned teacher and print its metrics")
-    _add_common_data(p)
+    add_common_data(p)
     p.add_argument("--arch", default=None, help="teacher architecture (default: the dataset's)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the dataset's)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
@@ -106,6 +95,7 @@ def cmd_teacher(args) -> int:
 
     from abd_ray.config import TeacherSpec
     from abd_ray.engine.teacher import cache_folder, get_teacher, resolve_device
+    from abd_ray.study.preflight import check_data_root, check_trigger
 
     spec = TeacherSpec.for_dataset(
         args.dataset, attack_spec_from_args(args), arch=args.arch, epochs=args.epochs, seed=args.seed
@@ -113,7 +103,7 @@ def cmd_teacher(args) -> int:
     spec.validate()
     resolve_device(args.device)
     check_trigger(spec.attack, spec.dataset)
-    _check_data_root(args.dataset, args.data_root)
+    check_data_root(args.dataset, args.data_root)
     t0 = time.perf_counter()
     if args.teacher_file:
         from abd_ray.data import load_dataset
@@ -138,7 +128,7 @@ def cmd_teacher(args) -> int:
         "wall_s": round(time.perf_counter() - t0, 2),
     }
     if args.json:
-        _print_json(out)
+        print_json(out)
     else:
         state = "reused from the cache" if teacher.cached else "trained"
         print(f"teacher {spec.arch} on {spec.dataset} / {spec.attack.name}: {state} in {out['wall_s']} s")
@@ -149,83 +139,103 @@ def cmd_teacher(args) -> int:
     return 0
 
 
-def check_trigger(attack, dataset: str) -> None:
-    """Build the attack's trigger once, so an unreadable pattern or mask file fails before any compute."""
-    from abd_ray.attacks import make_trigger
-    from abd_ray.data import dataset_info
+# --- distill ----------------------------------------------------------------------------------------------------
 
-    if attack.active:
-        make_trigger(attack, dataset_info(dataset).shape)
+JSON_KEYS = ("clean_acc", "asr", "robust_acc", "teacher_clean_acc", "teacher_asr", "wall_s")
 
 
-def _check_data_root(dataset: str, data_root: str | None) -> None:
-    """Fail before compute when a dataset that needs files has none (the loader names what is missing)."""
-    from abd_ray.data import dataset_info, load_dataset
+def _add_distill(sub) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="distil a student from a (poisoned) teacher with one synthesizer and defense",
+        description="One data-free distillation: teacher from the cache (trained if missing), a progress bar with "
+        "live clean_acc / asr, and a summary (or one JSON object with --json).",
+    )
+    add_common_data(p)
+    p.add_argument("--synthesizer", default="zskt", help="synthesizer name (see `abd-ray list`)")
+    p.add_argument("--defense", default="none", help="defense name: none, sv, sr, abd (see `abd-ray list`)")
+    p.add_argument("--teacher-arch", default=None, help="teacher architecture (default: the dataset's)")
+    p.add_argument("--student-arch", default=None, help="student architecture (default: the dataset's)")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the dataset's)")
+    p.add_argument("--seed", type=int, default=0, help="run seed (student init, synthesis, data order)")
+    p.add_argument("--teacher-file", default=None, help="distil from this teacher artifact or weights file")
+    p.add_argument(
+        "--student-file",
+        default=None,
+        help="start the student from these weights (e.g. a trial's student.safetensors); with --defense sr "
+        "--set defense.sr_start=0 this runs SR as a second stage on a saved student",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run-config key, e.g. synth.beta=0, defense.coef=1, steps=100, eval_every=50 (repeatable)",
+    )
 
-    if dataset_info(dataset).needs_root:
-        load_dataset(dataset, data_root)
+
+def config_from_args(args: argparse.Namespace):
+    """The RunConfig the arguments describe (``--set`` keys override the flags)."""
+    from dataclasses import asdict
+
+    from abd_ray.config import RunConfig, parse_sets
+
+    flat = {
+        "dataset": args.dataset,
+        "data_root": args.data_root,
+        "synthesizer": args.synthesizer,
+        "defense": args.defense,
+        "teacher_arch": args.teacher_arch,
+        "student_arch": args.student_arch,
+        "steps": args.steps,
+        "seed": args.seed,
+        "teacher_file": args.teacher_file,
+        "student_file": args.student_file,
+        "cache_dir": args.cache,
+        "device": args.device,
+    }
+    flat.update({f"attack.{k}": v for k, v in asdict(attack_spec_from_args(args)).items()})
+    flat.update(parse_sets(args.sets))
+    return RunConfig.from_flat(flat)
 
 
-# --- main ----------------------------------------------------------------------------------------------------
+def cmd_distill(args: argparse.Namespace) -> int:
+    from abd_ray.engine.distill import check_config, describe, distill
+    from abd_ray.study.preflight import check_data_root, check_trigger
 
-COMMANDS: dict[str, tuple[Callable, Callable]] = {
+    cfg = config_from_args(args)
+    cfg, _, _ = check_config(cfg)  # every bad input is reported here, before any compute
+    check_data_root(cfg.dataset, cfg.data_root)
+    if cfg.teacher_file is None:
+        check_trigger(cfg.attack, cfg.dataset)  # a bad pattern file fails here, not after the teacher stage
+    else:
+        from abd_ray.engine.teacher import load_external
+
+        load_external(cfg.teacher_file, cfg.teacher_spec())  # refused here (code payload, misfit) before compute
+    if cfg.student_file is not None:
+        from abd_ray.data import dataset_info
+        from abd_ray.engine.distill import load_student
+        from abd_ray.models import build_model
+
+        d = dataset_info(cfg.dataset)
+        blank = build_model(cfg.student_arch, num_classes=d.num_classes, shape=d.shape, mean=(0.0,), std=(1.0,))
+        load_student(blank, cfg.student_file)  # a misfit or a code payload is refused here, before compute
+    result = distill(cfg, progress=not args.json)
+    m = result.metrics
+    if args.json:
+        print_json({k: m.get(k) for k in JSON_KEYS})
+    else:
+        print(
+            f"distill {cfg.dataset} / {cfg.attack.name} / {cfg.synthesizer} / defense {cfg.defense}: "
+            f"{cfg.teacher_arch} -> {cfg.student_arch}, {cfg.steps} steps of batch {cfg.batch_size}"
+        )
+        print("  " + describe(m))
+    return 0
+
+
+COMMANDS = {
     "list": (_add_list, cmd_list),
     "teacher": (_add_teacher, cmd_teacher),
+    "distill": (_add_distill, cmd_distill),
 }
-
-
-def register_command(name: str, add: Callable, run: Callable) -> None:
-    """Add a subcommand (used by modules that bring their own, e.g. the study layer)."""
-    COMMANDS[name] = (add, run)
-
-
-def _load_plugins() -> None:
-    # Subcommands living next to the code they drive; imported lazily so `abd-ray list` stays fast.
-    for mod in ("abd_ray.engine.distill_cli", "abd_ray.study.cli"):
-        try:
-            __import__(mod)
-        except ModuleNotFoundError as e:
-            if not (e.name and mod.startswith(e.name)):
-                raise
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with the house's error format: one line on stderr, exit status 2 (no usage block)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    _load_plugins()
-    parser = _Parser(prog="abd-ray", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add, _ in COMMANDS.values():
-        add(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return COMMANDS[args.command][1](args) or 0
-    except KeyboardInterrupt:
-        print("abd-ray: interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, FileNotFoundError, UsageError) as e:
-        if args.debug:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"abd-ray {args.command}: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-if __name__ == "__main__":
-    # Run through the package module, so that plugin subcommands register where main() looks for them.
-    from abd_ray.cli import main as _main
-
-    sys.exit(_main())

@@ -1,0 +1,77 @@
+"""The pure pieces of a study's results: Pareto fronts (clean_acc maximised, asr minimised), hypervolume, the
+grouping of seeds per configuration, and the recommended configuration. Plain Python, no torch, so that
+``abd-ray status`` stays quick."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from abd_ray.stats import mean_std
+
+
+def pareto_front(points: list[dict[str, Any]], acc: str = "clean_acc", asr: str = "asr") -> list[dict[str, Any]]:
+    """The non-dominated points (higher ``acc``, lower ``asr``), sorted by ``asr`` then ``-acc``.
+
+    A point is dominated when another is at least as good in both and better in one. NaN points are skipped.
+    """
+    pts = [p for p in points if finite(p.get(acc)) and finite(p.get(asr))]
+    front = []
+    for p in pts:
+        dominated = any(
+            q[acc] >= p[acc] and q[asr] <= p[asr] and (q[acc] > p[acc] or q[asr] < p[asr]) for q in pts
+        )
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: (p[asr], -p[acc]))
+
+
+def hypervolume(points: list[tuple[float, float]]) -> float:
+    """Area dominated by ``(clean_acc, asr)`` points, clean_acc maximised and asr minimised, reference point
+    (0, 100): both in percent, so the largest possible value is 10,000."""
+    pts = sorted(((a, 100.0 - s) for a, s in points if a == a and s == s and a > 0 and s < 100), reverse=True)
+    hv, best_y = 0.0, 0.0
+    for x, y in pts:  # x descending: each point adds the strip above the best y so far
+        if y > best_y:
+            hv += x * (y - best_y)
+            best_y = y
+    return hv
+
+
+def finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Finished runs of one cell grouped by configuration (defense and hyperparameters) across seeds: one row per
+    configuration with the mean, sample std and count ``n`` of clean_acc / asr / robust_acc, its seeds and trials
+    (``trial_id`` is the first of them)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if finite(r.get("clean_acc")) and finite(r.get("asr")):
+            key = json.dumps([r["defense"], r.get("kind"), r.get("params", {})], sort_keys=True, default=str)
+            groups.setdefault(key, []).append(r)
+    out = []
+    for grp in groups.values():
+        agg = {**grp[0], "n": len(grp), "trial_ids": [r["trial_id"] for r in grp],
+               "seeds": [r.get("seed") for r in grp]}
+        for k in ("clean_acc", "asr", "robust_acc"):
+            agg[k], agg[f"{k}_std"], _ = mean_std([r.get(k) for r in grp])
+        out.append(agg)
+    return out
+
+
+def recommend(rows: list[dict[str, Any]], undefended_acc: float, max_acc_drop: float,
+              defense: str | None = None) -> dict[str, Any] | None:
+    """The defended run (or configuration, for rows of :func:`by_config`) with the lowest asr whose clean_acc is
+    within ``max_acc_drop`` of the undefended one.
+
+    Ties go to the higher clean_acc. ``defense`` restricts the candidates to one defense.
+    """
+    cands = [r for r in rows if r["defense"] != "none" and (defense is None or r["defense"] == defense)
+             and finite(r.get("clean_acc")) and finite(r.get("asr"))
+             and (not finite(undefended_acc) or r["clean_acc"] >= undefended_acc - max_acc_drop)]
+    if not cands:
+        return None
+    return min(cands, key=lambda r: (r["asr"], -r["clean_acc"]))
