@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -68,6 +70,17 @@ ATTACKS = Registry("attack")
 MODELS = Registry("model")
 SYNTHESIZERS = Registry("synthesizer", names_classes=True)
 DEFENSES = Registry("defense", names_classes=True)
+
+
+def import_package_modules(package: str, path: list[str]) -> None:
+    """Import every module of a component package, so that a new component is one new file that registers itself.
+
+    Args:
+        package: the package's ``__name__``.
+        path: the package's ``__path__``.
+    """
+    for module in sorted(m.name for m in pkgutil.iter_modules(path)):
+        importlib.import_module(f"{package}.{module}")
 
 
 def load_all() -> None:

@@ -170,6 +170,7 @@ def test_bad_pattern_files(tmp_path):
         (dict(name="nope"), "unknown attack 'nope'; known attacks: none, badnet_grid"),
         (dict(poison_ratio=0.0), r"outside \(0, 1\]"),
         (dict(poison_ratio=1.5), r"outside \(0, 1\]"),
+        (dict(poison_ratio=True), r"outside \(0, 1\]"),  # a YAML true is not a ratio
         (dict(target=10), r"not a class; allowed: 0..9"),
         (dict(target=-1), r"not a class"),
     ],

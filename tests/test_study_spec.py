@@ -81,6 +81,7 @@ def test_base_is_valid():
         ("teacher.arch", "wrn99", "teacher.arch: unknown model 'wrn99'"),
         ("attack.target", 10, "attack.target=10 is not a class; allowed: 0..9"),
         ("attack.poison_ratio", 1.5, "attack.poison_ratio=1.5 is outside (0, 1]"),
+        ("attack.poison_ratio", True, "attack.poison_ratio=True is outside (0, 1]"),
         ("attack.pattern_file", "no/such.png", "attack.pattern_file='no/such.png' does not exist"),
         ("teacher.epochs", 0, "teacher epochs=0 must be a positive integer"),
         ("search.num_samples", 0, "search.num_samples: must be >= 1"),

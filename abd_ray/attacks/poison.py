@@ -45,7 +45,8 @@ class AttackSpec:
         """Raise a ValueError that names the bad field and the allowed values."""
         if self.name != "none" and self.name not in ATTACKS:
             raise ValueError(f"unknown attack {self.name!r}; known attacks: {', '.join(attack_names())}")
-        if not isinstance(self.poison_ratio, (int, float)) or not 0 < self.poison_ratio <= 1:
+        ratio = self.poison_ratio
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
             raise ValueError(f"attack.poison_ratio={self.poison_ratio!r} is outside (0, 1]; e.g. 0.1")
         if (
             not isinstance(self.target, int)

@@ -4,14 +4,12 @@ Hong et al., "Revisiting Data-Free Knowledge Distillation with Poisoned Teachers
 package is imported here, so a new defense is one new file that registers itself.
 """
 
-import importlib
-import pkgutil
-
 from abd_ray.defenses.abd import ABD
 from abd_ray.defenses.base import Defense, build_defense
 from abd_ray.defenses.hypergrad import fixed_point_hypergrad
 from abd_ray.defenses.retrospection import SelfRetrospection
 from abd_ray.defenses.vaccine import ShufflingVaccine
+from abd_ray.registry import import_package_modules
 
 __all__ = [
     "ABD",
@@ -22,5 +20,4 @@ __all__ = [
     "fixed_point_hypergrad",
 ]
 
-for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    importlib.import_module(f"{__name__}.{_module}")  # registration
+import_package_modules(__name__, __path__)

@@ -5,15 +5,12 @@
 imported here, so a new synthesizer is one new file that registers itself.
 """
 
-import importlib
-import pkgutil
-
+from abd_ray.registry import import_package_modules
 from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer
 
 __all__ = ["Batch", "SynthContext", "Synthesizer", "synthesizer_class"]
 
-for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    importlib.import_module(f"{__name__}.{_module}")  # registration
+import_package_modules(__name__, __path__)
 
 
 def synthesizer_class(name: str) -> type[Synthesizer]:
