@@ -37,6 +37,11 @@ class Registry:
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a plug-in's tests register a component for a test and remove it after)."""
+        self.get(name)
+        del self._items[name], self._meta[name]
+
     def get(self, name: str) -> Any:
         """The component called ``name``; an unknown name raises a ValueError listing the known ones."""
         try:

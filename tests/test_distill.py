@@ -156,15 +156,19 @@ class Recorder(Defense):
         return {"n": len(Recorder.calls)}
 
 
-if "test_recorder" not in DEFENSES:
+@pytest.fixture
+def recorder_defense():
+    """The recording defense, registered for one test only (other tests read the registry's names)."""
     DEFENSES.register("test_recorder")(Recorder)
+    yield "test_recorder"
+    DEFENSES.unregister("test_recorder")
 
 
-def test_every_defense_hook_is_called_where_documented(teacher):
+def test_every_defense_hook_is_called_where_documented(teacher, recorder_defense):
     Recorder.calls = []
     lrs = []
     res = distill(
-        cfg_for("zskt", steps=5, defense="test_recorder", synth={"n_s": 2}),
+        cfg_for("zskt", steps=5, defense=recorder_defense, synth={"n_s": 2}),
         teacher=teacher,
         progress=False,
         report=lambda m, s, g: lrs.append((s, m["lr_s"], g()["defense"])),

@@ -24,6 +24,10 @@ def test_registry_register_get_and_errors():
         r.register("a")(lambda: None)
     with pytest.raises(ValueError, match=r"unknown widget 'b'; known widgets: a"):
         r.get("b")
+    r.unregister("a")
+    assert "a" not in r and r.names() == []
+    with pytest.raises(ValueError, match="unknown widget 'a'"):
+        r.unregister("a")
 
 
 def test_science_imports_no_orchestration():
