@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,3 +133,34 @@ def wait(p: subprocess.Popen, timeout: float = 240) -> int:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         raise
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_WORKER_PREFIX = re.compile(r"^\((?P<who>[^)]*pid=\d+)\)\s?")
+
+
+def driver_tracebacks(text: str) -> list[str]:
+    """The Python tracebacks in a driver's log, less the one a Ray worker may print when it is shut down.
+
+    At ``ray.shutdown()`` the raylet sends SIGTERM to idle workers; when the signal lands inside a garbage
+    collector callback, Ray's own handler raises ``SystemExit`` there and the interpreter prints it as an ignored
+    exception, forwarded to the driver's log. That is Ray's exit path, not a failure of the study.
+    """
+    lines = [_ANSI.sub("", line) for line in text.splitlines()]
+    found = []
+    for i, line in enumerate(lines):
+        if "Traceback (most recent call last):" not in line:
+            continue
+        prefix = _WORKER_PREFIX.match(line.strip())
+        who = prefix.group("who") if prefix else None
+        block = [line]
+        for nxt in lines[i + 1:i + 40]:
+            nxt_prefix = _WORKER_PREFIX.match(nxt.strip())
+            if (nxt_prefix.group("who") if nxt_prefix else None) != who:
+                break
+            block.append(nxt)
+        text_block = "\n".join(block)
+        if who is not None and "sigterm_handler" in text_block and "SystemExit" in text_block:
+            continue
+        found.append(text_block)
+    return found

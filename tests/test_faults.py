@@ -29,7 +29,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from studyutil import check_agreement, cli, kill_when, results, start_driver, trial_dirs, wait, write_study
+from studyutil import (
+    check_agreement,
+    cli,
+    driver_tracebacks,
+    kill_when,
+    results,
+    start_driver,
+    trial_dirs,
+    wait,
+    write_study,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -122,7 +132,7 @@ def test_kills_sigint_damaged_files_and_edited_study_files_then_resume(tmp_path,
     assert "cached teacher is damaged, retraining it" in out and "do not match their recorded SHA-256" in out
     assert "is unreadable" in out and "starting the run over" in out
     assert f"continue it with: abd-ray resume {study_dir}" in out
-    assert "Traceback" not in out.split("interrupted")[-1]
+    assert not driver_tracebacks(out.split("interrupted")[-1])
     assert json.loads((study_dir / "study.json").read_text())["status"] == "interrupted"
     meta = json.loads((teacher / "teacher.json").read_text())
     import hashlib
@@ -324,7 +334,7 @@ def test_two_studies_at_once_share_the_teacher_cache_and_the_tracking_database(t
         lines = [x.split() for x in text.splitlines() if x.strip().startswith(attack + " ") and "clean_acc" in x]
         assert [x[5] for x in lines].count("trained") == 1, lines  # trained by one driver, the other waited for it
     assert len(_teacher_dirs(cache)) == 2
-    assert "Traceback" not in text and "database is locked" not in text.lower()
+    assert not driver_tracebacks(text) and "database is locked" not in text.lower()
     check_agreement(tmp_path / "runs" / "first", planned=2, steps=12)
     check_agreement(tmp_path / "runs" / "second", planned=2, steps=12)
 
@@ -450,6 +460,20 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
         state, final, _ = _read_checkpoint(tune.Checkpoint.from_directory(str(tmp_path / "checkpoint_000001")))
     assert state is None and final is None
     warnings.simplefilter("default")
+
+
+def test_driver_tracebacks_skip_only_a_ray_worker_shut_down_by_sigterm():
+    esc = "\x1b[36m(train_trial pid=3235)\x1b[0m "
+    shutdown = [esc + "Traceback (most recent call last):",
+                esc + '  File "/x/ray/_private/worker.py", line 1063, in sigterm_handler',
+                esc + "SystemExit: 1"]
+    failure = ["(train_trial pid=7) Traceback (most recent call last):",
+               '(train_trial pid=7)   File "/x/abd_ray/engine/distill.py", line 3, in run',
+               "(train_trial pid=7) KeyError: 1"]
+    driver = ["Traceback (most recent call last):", '  File "/x/abd_ray/cli/studies.py", line 9', "ValueError: x"]
+    assert driver_tracebacks("\n".join(["ok", *shutdown, "done"])) == []
+    found = driver_tracebacks("\n".join([*shutdown, *failure, "status line", *driver]))
+    assert len(found) == 2 and "KeyError" in found[0] and "ValueError" in found[1]
 
 
 def test_non_finite_losses_are_caught():
