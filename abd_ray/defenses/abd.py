@@ -19,6 +19,7 @@ from abd_ray.defenses.vaccine import ShufflingVaccine
 from abd_ray.registry import DEFENSES
 
 if TYPE_CHECKING:
+    from abd_ray.engine.build import Evaluation
     from abd_ray.synthesizers.batch import Batch
 
 assert not set(ShufflingVaccine.defaults) & set(SelfRetrospection.defaults), "SV and SR keys must not overlap"
@@ -75,6 +76,10 @@ class ABD(Defense):
 
     def metrics(self) -> dict[str, float]:
         return {**self.sv.metrics(), **self.sr.metrics()}
+
+    def probe(self, evaluation: Evaluation, student: nn.Module, teacher: nn.Module, step: int) -> dict[str, float]:
+        sv, sr = self.sv.probe(evaluation, student, teacher, step), self.sr.probe(evaluation, student, teacher, step)
+        return {**sv, **sr}
 
     def state_dict(self) -> dict[str, Any]:
         return {"sv": self.sv.state_dict(), "sr": self.sr.state_dict()}

@@ -17,6 +17,8 @@ see batches (``observe``, ``generator_term``, ``student_loss``), each with the :
 - ``add_student_grads``: called after ``zero_grad`` and before the KD backward of a student step; may write
   gradients into the student's ``.grad`` (SR's hypergradient), which the KD gradient then adds to;
 - ``metrics``: extra metrics reported with every evaluation;
+- ``probe``: at every evaluation, diagnostics measured against the run's real test sets where the attack is known
+  (did SR find the trigger, does the suspect detect triggered inputs); they never feed back into training;
 - ``state_dict`` / ``load_state_dict``: what must survive a checkpoint (loaded after ``bind``).
 """
 
@@ -30,6 +32,7 @@ from torch import nn
 from abd_ray.registry import DEFENSES
 
 if TYPE_CHECKING:
+    from abd_ray.engine.build import Evaluation
     from abd_ray.synthesizers.batch import Batch
 
 
@@ -112,6 +115,18 @@ class Defense:
         """Write extra gradients into ``student``'s ``.grad`` before the KD backward of a student step."""
 
     def metrics(self) -> dict[str, float]:
+        return {}
+
+    def probe(self, evaluation: Evaluation, student: nn.Module, teacher: nn.Module, step: int) -> dict[str, float]:
+        """Diagnostics against the run's test sets, reported with the evaluation at ``step``.
+
+        Args:
+            evaluation: the clean test set and, where the attack is known, its triggered part and their clean
+                originals.
+            student: the student, in train mode; a probe that runs it restores its mode and moves no statistics.
+            teacher: the frozen teacher.
+            step: the steps done.
+        """
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -39,13 +39,21 @@ def load_student(student: nn.Module, path) -> nn.Module:
 
 @dataclass
 class Evaluation:
-    """The test sets of a run, made once: clean test data and its triggered, non-target part."""
+    """The test sets of a run, made once: clean test data and its triggered, non-target part.
+
+    Attributes:
+        x_test, y_test: the clean test set.
+        x_poison, y_poison: every non-target test image with the trigger, with its true label.
+        x_poison_clean: the same images without the trigger (``x_poison - x_poison_clean`` is the trigger's change).
+        target: the attack's target class, None without an attack.
+    """
 
     x_test: torch.Tensor
     y_test: torch.Tensor
     x_poison: torch.Tensor
     y_poison: torch.Tensor
     target: int | None
+    x_poison_clean: torch.Tensor | None = None
 
     @classmethod
     def of(cls, data: DataBundle, attack, device: torch.device) -> Evaluation:
@@ -54,9 +62,11 @@ class Evaluation:
                 data.x_test, data.y_test, make_trigger(attack, data.shape), attack.target
             )
             target = attack.target
+            x_clean = data.x_test[data.y_test != target]
         else:
             x_poison, y_poison, target = data.x_test[:0], data.y_test[:0], None
-        return cls(data.x_test.to(device), data.y_test, x_poison.to(device), y_poison, target)
+            x_clean = x_poison
+        return cls(data.x_test.to(device), data.y_test, x_poison.to(device), y_poison, target, x_clean.to(device))
 
     def measure(self, model: nn.Module) -> dict[str, float]:
         """clean_acc, asr and robust_acc of ``model``."""

@@ -211,6 +211,7 @@ def _evaluate(run: Run, state: LoopState) -> dict[str, float]:
     metrics["step_time_s"] = state.step_time
     metrics["lr_s"] = run.opt.param_groups[0]["lr"]
     metrics.update(_defense_metrics(run))
+    metrics.update(run.defense.probe(run.evaluation, run.student, run.teacher, state.step))
     return {k: float(v) for k, v in metrics.items()}
 
 
