@@ -5,7 +5,9 @@
 
 Each run (digits, badnet_grid, seed 1, batch 32) records its final metrics and history as ``repr`` (every
 digit), the sha256 of the student's weights and of the last samples; timings are left out. Take one before a
-change meant to keep results (a refactor, a speed-up on the CPU) and one after: any difference names the run.
+change meant to keep results (a refactor, a speed-up on the CPU, a new option off by default) and one after: any
+difference names the run. A metric that only AFTER reports (a new diagnostic) is listed, not counted as a
+difference: every value BEFORE had must still be there, unchanged.
 About a minute on one core with the teacher cached.
 """
 
@@ -52,6 +54,14 @@ def fingerprint(cache: str, steps: int) -> dict[str, dict]:
     return out
 
 
+def _without(run: dict, metrics: list[str]) -> dict:
+    """A fingerprint entry without the given metric names."""
+    def drop(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in metrics}
+
+    return {**run, "metrics": drop(run["metrics"]), "history": [drop(e) for e in run["history"]]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", nargs="?", help="where to write the fingerprint (JSON)")
@@ -61,8 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.compare:
         before, after = (json.loads(open(f).read()) for f in args.compare)
+        added = sorted({m for run in after.values() for e in [run["metrics"], *run["history"]] for m in e}
+                       - {m for run in before.values() for e in [run["metrics"], *run["history"]] for m in e})
+        after = {k: _without(run, added) for k, run in after.items()}
         differing = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         print("IDENTICAL" if not differing else "DIFFERENT: " + ", ".join(differing))
+        if added:
+            print("new metrics (not compared): " + ", ".join(added))
         return 1 if differing else 0
     if not args.out:
         p.error("give OUT.json, or --compare BEFORE AFTER")
