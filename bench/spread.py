@@ -2,15 +2,17 @@
 
     python bench/spread.py [--seeds 0-4] [--resume] [--cache DIR] [--out DIR]   # run (resumable)
     python bench/spread.py --render                                             # table only
+    python bench/spread.py --arms none sv sr abd --seeds 0-2 --resume          # the defense ablation
 
-zskt on digits, triggers badnet_grid / blend / trojan_3x3, undefended and with abd, at the default budget, one
+zskt on digits, triggers badnet_grid / blend / trojan_3x3, undefended and with abd (the spread), or any of the
+``ARMS`` (the ablation: each arm a defense and the flags that set its form), at the default budget, one
 ``abd-ray distill --json`` process per run (the user's command, nothing else). One JSON record per finished run
 under bench/results/spread/ (its metrics, the commit, the teacher's weights hash and training environment);
 ``--resume`` skips the runs already recorded, so the benchmark can be split across sessions; several processes
 started with the same arguments share the work (a run is claimed by a ``.claim`` file holding the claimant's
 pid). The run seed seeds the student, the synthesis and the defense; the teacher's seed is ``teacher_seed`` (0),
 so every seed of one trigger distils the same teacher. Writes the ``spread`` section of bench/RESULTS.md (mean +-
-std (n) per cell).
+std (n) per cell), and with ``--arms`` the ``ablation`` section.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ sys.path.insert(0, str(HERE))
 from run import ROOT, git_commit, machine, machine_line, update_section  # noqa: E402  (bench/run.py)
 
 ATTACKS = ("badnet_grid", "blend", "trojan_3x3")
-DEFENSES = ("none", "abd")
+DEFENSES = ("none", "abd")  # the spread's arms
+# An arm: the defense and the extra ``abd-ray distill`` flags that set its form. A plain defense name runs the
+# defense at its defaults, so the spread's records are the ablation's none and abd arms.
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "none": ("none", []),
+    "sv": ("sv", []),
+    "sr": ("sr", []),
+    "abd": ("abd", []),
+}
 OUT = HERE / "results" / "spread"
 
 
@@ -40,16 +50,17 @@ def parse_seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s]
 
 
-def runs(seeds: list[int]) -> list[tuple[str, str, int]]:
-    """(attack, defense, seed), seed by seed, so a partial benchmark has every cell at its first seeds."""
-    return [(a, d, s) for s in seeds for a in ATTACKS for d in DEFENSES]
+def runs(seeds: list[int], arms: tuple[str, ...] = DEFENSES) -> list[tuple[str, str, int]]:
+    """(attack, arm, seed), seed by seed, so a partial benchmark has every cell at its first seeds."""
+    return [(a, d, s) for s in seeds for a in ATTACKS for d in arms]
 
 
-def record_path(out: Path, attack: str, defense: str, seed: int) -> Path:
-    return out / f"zskt_{attack}_{defense}_seed{seed}.json"
+def record_path(out: Path, attack: str, arm: str, seed: int) -> Path:
+    return out / f"zskt_{attack}_{arm}_seed{seed}.json"
 
 
-def command(attack: str, defense: str, seed: int, cache: str, steps: int | None) -> list[str]:
+def command(attack: str, arm: str, seed: int, cache: str, steps: int | None) -> list[str]:
+    defense, flags = ARMS[arm]
     cmd = [
         sys.executable,
         "-m",
@@ -68,6 +79,7 @@ def command(attack: str, defense: str, seed: int, cache: str, steps: int | None)
         "--cache",
         cache,
         "--json",
+        *flags,
     ]
     return cmd + (["--steps", str(steps)] if steps else [])
 
@@ -90,8 +102,8 @@ def teacher_record(cmd: list[str]) -> dict:
     }
 
 
-def run_one(attack: str, defense: str, seed: int, cache: str, steps: int | None) -> dict:
-    cmd = command(attack, defense, seed, cache, steps)
+def run_one(attack: str, arm: str, seed: int, cache: str, steps: int | None) -> dict:
+    cmd = command(attack, arm, seed, cache, steps)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -100,7 +112,8 @@ def run_one(attack: str, defense: str, seed: int, cache: str, steps: int | None)
     return {
         "synthesizer": "zskt",
         "attack": attack,
-        "defense": defense,
+        "defense": ARMS[arm][0],
+        "arm": arm,
         "seed": seed,
         "steps": steps or "default",
         "metrics": metrics,
@@ -133,29 +146,40 @@ def load_records(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("zskt_*.json"))]
 
 
-def table(records: list[dict], seeds: list[int]) -> str:
-    """The spread section: mean +- std (n) of clean_acc and asr per cell, and what remains to run."""
+def arm_of(record: dict) -> str:
+    return record.get("arm", record["defense"])
+
+
+def table(records: list[dict], seeds: list[int], arms: tuple[str, ...] = DEFENSES) -> str:
+    """The spread (or ablation) section: mean +- std (n) of clean_acc and asr per cell, and what remains to run."""
     from abd_ray.stats import format_mean_std
 
-    done = {(r["attack"], r["defense"], r["seed"]) for r in records}
-    todo = [r for r in runs(seeds) if r not in done]
+    records = [r for r in records if arm_of(r) in arms and r["seed"] in seeds]
+    done = {(r["attack"], arm_of(r), r["seed"]) for r in records}
+    todo = [r for r in runs(seeds, arms) if r not in done]
     commits = sorted({r["commit"] or "?" for r in records})
+    ablation = arms != DEFENSES
+    arm_flags = f" --arms {' '.join(arms)}" if ablation else ""
+    title = "Defense ablation (zskt, digits)" if ablation else "Spread over run seeds (zskt, digits)"
     lines = [
-        "## Spread over run seeds (zskt, digits)" + (" -- PARTIAL" if todo else ""),
+        f"## {title}" + (" -- PARTIAL" if todo else ""),
         "",
-        f"`{Path(sys.executable).name} bench/spread.py --seeds {seeds[0]}-{seeds[-1]} --resume` (one `abd-ray "
+        f"`{Path(sys.executable).name} bench/spread.py{arm_flags} --seeds {seeds[0]}-{seeds[-1]} --resume` "
+        "(one `abd-ray "
         "distill --dataset digits --synthesizer zskt --attack A --defense D --seed S --json` process per run, "
         "default budget, one fresh teacher cache; the run seed changes the student, the synthesis and the defense, "
         "not the teacher, whose seed is `teacher_seed` = 0). Cells: mean +- sample std (n runs), min..max.",
         "",
         f"Commit(s): {', '.join(commits)}; {machine_line(machine())}.",
         "",
+        *(["Arms: " + "; ".join(f"`{a}` = `--defense {ARMS[a][0]}{' ' if ARMS[a][1] else ''}"
+                                 f"{' '.join(ARMS[a][1])}`" for a in arms) + ".", ""] if ablation else []),
         "| attack | defense | clean_acc | clean min..max | asr | asr min..max | seeds | teacher weights_sha256 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for a in ATTACKS:
-        for d in DEFENSES:
-            rs = sorted((r for r in records if r["attack"] == a and r["defense"] == d), key=lambda r: r["seed"])
+        for d in arms:
+            rs = sorted((r for r in records if r["attack"] == a and arm_of(r) == d), key=lambda r: r["seed"])
             if not rs:
                 lines.append(f"| {a} | {d} | n/a | | n/a | | none yet | |")
                 continue
@@ -169,9 +193,10 @@ def table(records: list[dict], seeds: list[int]) -> str:
     if todo:
         lines += [
             "",
-            f"Not run yet ({len(todo)} of {len(runs(seeds))}): "
+            f"Not run yet ({len(todo)} of {len(runs(seeds, arms))}): "
             + ", ".join(f"{a}/{d}/seed{s}" for a, d, s in todo)
-            + f". Resume with `OMP_NUM_THREADS=1 nohup python bench/spread.py --seeds {seeds[0]}-{seeds[-1]} "
+            + f". Resume with `OMP_NUM_THREADS=1 nohup python bench/spread.py{arm_flags} "
+            f"--seeds {seeds[0]}-{seeds[-1]} "
             "--resume > bench/results/spread.log 2>&1 &` (a second such process shares the runs).",
         ]
     return "\n".join(lines) + "\n"
@@ -180,6 +205,8 @@ def table(records: list[dict], seeds: list[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0-4", help="run seeds, e.g. 0-4 or 0,3 (default 0-4)")
+    p.add_argument("--arms", nargs="+", default=list(DEFENSES), choices=sorted(ARMS),
+                   help="defense arms (default: none abd, the spread); more arms write the ablation section")
     p.add_argument("--resume", action="store_true", help="skip the runs already recorded under --out")
     p.add_argument("--cache", default=str(ROOT / ".abd_ray" / "spread_cache"), help="teacher cache of the runs")
     p.add_argument("--out", default=str(OUT), help="folder of the per-run records")
@@ -188,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke-test", action="store_true", help="two runs of 5 steps into a temporary folder")
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
+    arms = tuple(args.arms)
     out = Path(args.out)
     if args.smoke_test:
         import tempfile
@@ -200,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             [("badnet_grid", "none", 0), ("badnet_grid", "abd", 0)],
         )
     else:
-        todo = runs(seeds)
+        todo = runs(seeds, arms)
     out.mkdir(parents=True, exist_ok=True)
     if not args.render:
         for attack, defense, seed in todo:
@@ -213,10 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 path.with_suffix(".claim").unlink(missing_ok=True)
             print(json.dumps(rec, sort_keys=True), flush=True)
-    md = table(load_records(out), seeds)
+    md = table(load_records(out), seeds, arms)
     print(md)
     if not args.smoke_test:
-        update_section("spread", md)
+        update_section("spread" if arms == DEFENSES else "ablation", md)
     return 0
 
 

@@ -291,3 +291,25 @@ def test_study_searcher_order_failures_and_orphans(tmp_path):
     assert [g["defense"] for g in got[4:6]] == ["abd", "abd"] and "study.cell" in got[4]
     assert [(g["defense"], g.get("seed")) for g in got[6:8]] == [("none", 0), ("none", 1)] and got[8] == "FINISHED"
     assert optuna.load_study(study_name=names[0], storage=f"sqlite:///{tmp_path}/optuna.db").best_trials
+
+
+def test_the_digits_ablation_study_runs_what_the_ablation_benchmark_records():
+    """studies/abd-digits.yaml plans three triggers x four defenses x three seeds, and each of its trials has the
+    run config of the `abd-ray distill` command bench/spread.py records for that arm (so those records are its
+    trials: a trial's result does not depend on its entry point)."""
+    import sys
+
+    from abd_ray.cli import build_parser
+    from abd_ray.cli.runs import config_from_args
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import spread
+
+    spec = load_spec(ROOT / "studies" / "abd-digits.yaml")
+    assert spec.planned_trials() == 3 * 4 * 3 and tuple(spec.attacks) == spread.ATTACKS
+    for attack in spec.attacks:
+        for defense in spec.defenses:
+            trial = spec.run_config(attack, "zskt", defense, 2, "grid").resolved()
+            argv = spread.command(attack, defense, 2, str(ROOT / ".abd_ray" / "cache"), None)[3:]
+            bench = config_from_args(build_parser().parse_args(argv)).resolved()
+            assert trial.to_flat() == {**bench.to_flat(), "cache_dir": trial.cache_dir}, (attack, defense)
