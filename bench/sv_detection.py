@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import git_commit, machine, machine_line, update_section  # noqa: E402  (bench/run.py)
+
 
 def measure(archs: list[str], attacks: list[str], draws: int, cache: str, dataset: str) -> list[dict]:
     """One row per arch x attack x shuffled-layer count x ensemble size."""
@@ -66,9 +69,15 @@ def measure(archs: list[str], attacks: list[str], draws: int, cache: str, datase
     return rows
 
 
-def render(rows: list[dict]) -> str:
-    """The rows as a markdown table."""
-    out = ["| teacher | trigger | teacher acc / asr | shuffled | copies | AUC (mean +- std) | masked triggered % | "
+def render(rows: list[dict], argv: list[str]) -> str:
+    """The RESULTS.md section: the command, the commit and the rows as a markdown table."""
+    out = ["## The vaccine's suspect on real triggered test images (digits)", "",
+           f"`python bench/sv_detection.py {' '.join(argv)}`: the ROC-AUC with which the shuffled ensemble's "
+           "divergence from the teacher tells triggered test images (every non-target test image with the trigger) "
+           "from clean ones (1.0: every triggered image more suspect than every clean one), and how many of each "
+           "SV's mask flags (the suspect agrees with the teacher). Mean +- std over permutation draws. "
+           f"Commit {git_commit()}; {machine_line(machine())}.", "",
+           "| teacher | trigger | teacher acc / asr | shuffled | copies | AUC (mean +- std) | masked triggered % | "
            "masked clean % |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['arch']} | {r['attack']} | {r['teacher_clean_acc']:.1f} / {r['teacher_asr']:.1f} | "
@@ -91,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(args.archs, args.attacks, args.draws, args.cache, args.dataset)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
-    print(render(rows))
+    md = render(rows, argv if argv is not None else sys.argv[1:])
+    print(md)
+    update_section("sv_detection", md)
     return 0
 
 
