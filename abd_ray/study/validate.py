@@ -251,7 +251,8 @@ class Validator:
                 raise self.fail("attacks", f"{list(attacks)}: with teacher_file the study distils one given teacher, "
                                            "so list exactly the one attack it carries")
         faults = self.faults(raw.get("faults"))
-        profile = self.profile(raw.get("profile", "default"), synths, dataset, defenses, raw.get("search"))
+        profile = self.profile(raw.get("profile", "default"), dataset, synth, defense_params,
+                               synths, [*defenses, *self._searched(raw.get("search"))])
 
         search = None
         if mode == "search":
@@ -309,9 +310,15 @@ class Validator:
             faults.append(rule)
         return faults
 
-    def profile(self, name: Any, synths: tuple[str, ...], dataset: str, defenses: tuple[str, ...],
-                search: Any) -> str:
-        """The ``profile:`` name; its values for every synthesizer x defense of the study must validate."""
+    @staticmethod
+    def _searched(search: Any) -> list[str]:
+        ok = isinstance(search, dict) and isinstance(search.get("defense"), str)
+        return [search["defense"]] if ok else []
+
+    def profile(self, name: Any, dataset: str, synth: dict, defense_params: dict, synths: tuple[str, ...],
+                defenses: list[str]) -> str:
+        """The ``profile:`` name; its values under the study's own, for every synthesizer x defense of the study,
+        must validate."""
         from abd_ray.defenses import build_defense
         from abd_ray.profiles import check_profile, profile_values
         from abd_ray.registry import SYNTHESIZERS
@@ -320,13 +327,14 @@ class Validator:
             check_profile(name)
         except ValueError as e:
             raise self.fail("profile", str(e)) from None
-        searched = [search["defense"]] if isinstance(search, dict) and isinstance(search.get("defense"), str) else []
+        if name == "default":
+            return name
         for s in synths:
-            for d in dict.fromkeys([*defenses, *searched]):
+            for d in dict.fromkeys(defenses):
                 try:
-                    synth, params = profile_values(name, s, dataset, d)
-                    SYNTHESIZERS.get(s).resolve_params(synth, dataset)
-                    build_defense(d, params)
+                    p_synth, p_defense = profile_values(name, s, dataset, d)
+                    SYNTHESIZERS.get(s).resolve_params({**p_synth, **(synth.get(s) or {})}, dataset)
+                    build_defense(d, {**p_defense, **(defense_params.get(d) or {})})
                 except ValueError as e:
                     raise self.fail("profile", f"{name} for {s} / {d}: {e}") from None
         return name
