@@ -108,6 +108,8 @@ class RunConfig:
         teacher_seed: the teacher's training seed; one teacher serves every run seed, as in the paper.
         cache_dir: root of the teacher cache.
         device: ``auto`` (CUDA if present), ``cpu`` or ``cuda``.
+        profile: a named set of synthesizer and defense values (:mod:`abd_ray.profiles`): ``default`` (none) or
+            ``paper`` (the published code's); applied by :meth:`resolved` under ``synth`` and ``defense_params``.
     """
 
     dataset: str = "digits"
@@ -128,12 +130,28 @@ class RunConfig:
     teacher_seed: int = 0
     cache_dir: str = ".abd_ray/cache"
     device: str = "auto"
+    profile: str = "default"
+
+    def with_profile(self) -> RunConfig:
+        """A copy whose ``synth`` and ``defense_params`` hold the profile's values under the explicit ones.
+
+        Raises:
+            ValueError: an unknown profile, or a synthesizer it has no values for.
+        """
+        from abd_ray.profiles import profile_values
+
+        synth, defense = profile_values(self.profile, self.synthesizer, self.dataset, self.defense)
+        if not synth and not defense:
+            return self
+        return dataclasses.replace(
+            self, synth={**synth, **self.synth}, defense_params={**defense, **self.defense_params}
+        )
 
     def resolved(self) -> RunConfig:
-        """A copy with every dataset default filled in."""
+        """A copy with the profile's values and every dataset default filled in."""
         d = dataset_info(self.dataset).defaults
         return dataclasses.replace(
-            self,
+            self.with_profile(),
             teacher_arch=self.teacher_arch or d.teacher_arch,
             student_arch=self.student_arch or d.student_arch,
             steps=self.steps if self.steps is not None else d.steps,
@@ -148,10 +166,16 @@ class RunConfig:
     # --- flat dicts ------------------------------------------------------------------------------------------------
 
     def to_flat(self) -> dict[str, Any]:
-        """One flat dict: nested specs as ``attack.*``, ``synth.*``, ``defense.*`` keys."""
+        """One flat dict: nested specs as ``attack.*``, ``synth.*``, ``defense.*`` keys.
+
+        ``profile`` appears only when it is not ``default``, so a config without one flattens as it always did
+        (trial params and checkpoints keep their keys).
+        """
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "profile" and v == "default":
+                continue
             if f.name == "attack":
                 out.update({f"attack.{k}": x for k, x in asdict(v).items()})
             elif f.name == "synth":

@@ -53,22 +53,32 @@ def kl_rows(
     return terms.sum(1) if over_classes == "sum" else terms.mean(1)
 
 
-def kd_divergence(
-    s_logits: torch.Tensor, t_logits: torch.Tensor, T: float = 1.0, reduction: str = "mean"
-) -> torch.Tensor:
-    """``KL(softmax(t / T) || softmax(s / T))`` summed over classes, times ``T**2``.
+KD_FORMS = ("batchmean", "mean")
 
-    The ``T**2`` factor (Hinton et al. 2015) keeps gradient magnitudes comparable across temperatures; at
-    ``T = 1`` (ZSKT) it is 1.
+
+def kd_divergence(
+    s_logits: torch.Tensor, t_logits: torch.Tensor, T: float = 1.0, reduction: str = "mean", form: str = "batchmean"
+) -> torch.Tensor:
+    """``KL(softmax(t / T) || softmax(s / T))`` per sample, in one of two scales.
+
+    - ``batchmean``: summed over classes, times ``T**2``. The ``T**2`` factor (Hinton et al. 2015) keeps gradient
+      magnitudes comparable across temperatures; at ``T = 1`` (ZSKT) it is 1.
+    - ``mean``: the mean of the per-class terms, no ``T**2``: averaged over the batch too, it is torch's
+      ``kl_div(reduction="mean")`` over N x K, the scale of the original ZSKT code (1/K of ``batchmean`` at T = 1).
 
     Args:
         s_logits: student logits (N, K).
         t_logits: teacher logits (N, K); gradients flow into them too if they require grad (ZSKT's generator).
         T: temperature.
         reduction: ``mean`` over samples, ``sum``, or ``none`` for (N,).
+        form: ``batchmean`` or ``mean`` (above).
     """
     log_p_s = F.log_softmax(s_logits.float() / T, dim=1)
     log_p_t = F.log_softmax(t_logits.float() / T, dim=1)
+    if form == "mean":
+        return _reduce(kl_rows(log_p_t, log_p_s, over_classes="mean"), reduction)
+    if form != "batchmean":
+        raise ValueError(f"form={form!r}; allowed: {', '.join(KD_FORMS)}")
     per = kl_rows(log_p_t, log_p_s) * (T * T)
     return _reduce(per, reduction)
 

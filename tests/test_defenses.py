@@ -405,7 +405,7 @@ def test_every_defense_runs_its_hooks_and_resumes_from_its_state(name):
         ("sv", {"no_shuf_grad": "maybe"}, r"true or false"),
         ("abd", {"fixed_mode": "ignore"}, r"fixed_mode='ignore' is not allowed; allowed: drop, capped, ascent"),
         ("sv", {"fixed_cap": 0}, r"fixed_cap=0 is outside \(0.0, inf\]"),
-        ("sv", {"K": 5}, r"unknown hyperparameter.*allowed: check_skip, check_tries, coef, fixed_cap, fixed_mode"),
+        ("sv", {"K": 5}, r"unknown hyperparameter.*allowed: bank_mode, check_skip, check_tries, coef, fixed_cap"),
         ("abd", {"bogus": 1}, r"unknown hyperparameter\(s\) \['bogus'\]; allowed: K, "),
     ],
 )

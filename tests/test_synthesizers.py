@@ -253,7 +253,7 @@ def test_digits_defaults_override_paper_defaults():
 @pytest.mark.parametrize(
     "name, params, match",
     [
-        ("zskt", {"bogus": 1}, r"unknown key\(s\) synth.bogus; allowed: T, beta"),
+        ("zskt", {"bogus": 1}, r"unknown key\(s\) synth.bogus; allowed: T, at_layer, beta"),
         ("zskt", {"lr_s": 0}, r"synth.lr_s=0 must be > 0"),
         ("zskt", {"beta": -1.0}, r"must be >= 0"),
         ("zskt", {"n_s": 2.5}, r"must be an integer"),

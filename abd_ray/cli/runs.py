@@ -166,6 +166,12 @@ def _add_distill(sub) -> None:
         "--set defense.sr_start=0 this runs SR as a second stage on a saved student",
     )
     p.add_argument(
+        "--profile",
+        default="default",
+        help="a named set of synthesizer and defense values under the --set ones: default, or paper (the published "
+        "code's; with --json the resolved config is printed)",
+    )
+    p.add_argument(
         "--set",
         dest="sets",
         action="append",
@@ -194,6 +200,7 @@ def config_from_args(args: argparse.Namespace):
         "student_file": args.student_file,
         "cache_dir": args.cache,
         "device": args.device,
+        "profile": args.profile,
     }
     flat.update({f"attack.{k}": v for k, v in asdict(attack_spec_from_args(args)).items()})
     flat.update(parse_sets(args.sets))
@@ -224,7 +231,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     result = distill(cfg, progress=not args.json)
     m = result.metrics
     if args.json:
-        print_json({k: m.get(k) for k in JSON_KEYS})
+        out = {k: m.get(k) for k in JSON_KEYS}
+        if cfg.profile != "default":
+            out["config"] = cfg.to_flat()  # the profile's values as the run resolved them
+        print_json(out)
     else:
         print(
             f"distill {cfg.dataset} / {cfg.attack.name} / {cfg.synthesizer} / defense {cfg.defense}: "

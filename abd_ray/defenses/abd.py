@@ -3,7 +3,7 @@
 
 SV shapes what the student is taught during the whole run; SR unlearns the student's own candidate trigger in
 a short second stage at the end. Their hyperparameter names do not overlap, so ``defense.<key>`` goes to whichever
-component owns the key.
+component owns the key; ``sv_in_stage2`` is ABD's own.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from abd_ray.defenses._params import as_bool
 from abd_ray.defenses.base import Defense
 from abd_ray.defenses.retrospection import SelfRetrospection
 from abd_ray.defenses.vaccine import ShufflingVaccine
@@ -27,16 +28,33 @@ assert not set(ShufflingVaccine.defaults) & set(SelfRetrospection.defaults), "SV
 
 @DEFENSES.register("abd")
 class ABD(Defense):
-    """Both plug-ins: every key of :class:`ShufflingVaccine` and of :class:`SelfRetrospection` is accepted."""
+    """Both plug-ins: every key of :class:`ShufflingVaccine` and of :class:`SelfRetrospection` is accepted.
+
+    Hyperparameters of its own (``defense.<key>``):
+        sv_in_stage2: whether SV's generator term and reweighting stay on once SR's second stage runs (default
+            true); false turns them off there, as the original's OOD and CMI SR stages run without SV.
+    """
 
     wants_teacher_features = ShufflingVaccine.wants_teacher_features
-    defaults: dict[str, Any] = {**ShufflingVaccine.defaults, **SelfRetrospection.defaults}
+    own_defaults: dict[str, Any] = {"sv_in_stage2": True}
+    defaults: dict[str, Any] = {**ShufflingVaccine.defaults, **SelfRetrospection.defaults, **own_defaults}
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
+        own = {k: self.params[k] for k in self.own_defaults}
         self.sv = ShufflingVaccine(**{k: v for k, v in params.items() if k in ShufflingVaccine.defaults})
         self.sr = SelfRetrospection(**{k: v for k, v in params.items() if k in SelfRetrospection.defaults})
-        self.params = {**self.sv.params, **self.sr.params}
+        self.params = {**self.sv.params, **self.sr.params, **own}
+        self._stage2_from: int | None = None
+        self._step = -1  # the step of the last batch observed
+
+    def validate(self) -> None:
+        self.params["sv_in_stage2"] = as_bool("sv_in_stage2", self.params["sv_in_stage2"])
+
+    def _sv_on(self, step: int) -> bool:
+        """Whether SV acts at loop step ``step`` (always, unless sv_in_stage2 is false and SR's stage runs)."""
+        s2 = self._stage2_from
+        return self.params["sv_in_stage2"] or s2 is None or step < s2
 
     def check_teacher(self, teacher: nn.Module) -> None:
         self.sv.check_teacher(teacher)
@@ -55,14 +73,22 @@ class ABD(Defense):
     ) -> None:
         self.sv.bind(teacher, student, shape, num_classes, total_steps, generator, fixed_data=fixed_data)
         self.sr.bind(teacher, student, shape, num_classes, total_steps, generator, fixed_data=fixed_data)
+        s2 = self.sr.stage2_start(total_steps)
+        self._stage2_from = None if s2 is None else max(0, min(int(s2), total_steps))  # as the loop clamps it
 
     def observe(self, batch: Batch, step: int) -> None:
+        self._step = step
         self.sv.observe(batch, step)
 
     def generator_term(self, batch: Batch) -> torch.Tensor | None:
+        # A step's synthesis runs before its first batch is observed: it belongs to the step after the last one.
+        if not self._sv_on(self._step + 1):
+            return None
         return self.sv.generator_term(batch)
 
     def student_loss(self, per_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if not self._sv_on(self._step):
+            return per_sample.mean()
         return self.sv.student_loss(per_sample, batch)
 
     def stage2_start(self, total_steps: int) -> int | None:
@@ -82,8 +108,9 @@ class ABD(Defense):
         return {**sv, **sr}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sv": self.sv.state_dict(), "sr": self.sr.state_dict()}
+        return {"sv": self.sv.state_dict(), "sr": self.sr.state_dict(), "step": self._step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sv.load_state_dict(state["sv"])
         self.sr.load_state_dict(state["sr"])
+        self._step = int(state.get("step", -1))

@@ -21,30 +21,70 @@ PAPER_N_SHUF_LAYER = 5
 PAPER_N_CONV = 16
 
 
-def resolve_shuffled_layers(model: nn.Module, n_shuf_layer: int | str | None) -> list[int]:
+LAYER_COUNTS = ("all_convs", "named_conv")
+
+
+def named_conv_indices(model: nn.Module) -> list[int]:
+    """The convolutions the original code counts: those whose state-dict key contains "conv" in ITS models.
+
+    Its residual networks name the stem ``conv1`` and each block's convolutions ``conv1`` / ``conv2``; a WRN's
+    projection shortcut is ``convShortcut`` (counted) and a ResNet's ``shortcut.0`` (skipped). Its VGG names
+    layers by index, so nothing counts. Ours carry the same block names (``conv1``, ``conv2``, a WRN block's
+    ``shortcut`` conv, a ResNet block's ``shortcut`` Sequential), which this maps back; a network with no
+    ``conv1`` / ``conv2`` (VGG, the digits CNNs) gets none.
+
+    Returns:
+        Indices into :func:`~abd_ray.models.conv_layers` (input side = 0).
+    """
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    leaves = [name.rsplit(".", 1)[-1] for name in names]
+    if not any(leaf in ("conv1", "conv2") for leaf in leaves):
+        return []
+    # The stem (the first convolution) is conv1 in the original's residual networks.
+    return [i for i, leaf in enumerate(leaves) if i == 0 or leaf in ("conv1", "conv2", "shortcut")]
+
+
+def resolve_shuffled_layers(
+    model: nn.Module, n_shuf_layer: int | str | None, layer_count: str = "all_convs"
+) -> list[int]:
     """Indices (input side = 0) of the convolutions to shuffle.
 
     Args:
         model: the teacher.
         n_shuf_layer: ``k > 0``: the last ``k`` convolutions; ``k < 0``: the first ``|k|``; ``"auto"`` / None:
             the paper's fraction of the depth, ``round(n_convs * 5 / 16)`` clipped to [1, n_convs - 1].
+        layer_count: which convolutions count: ``all_convs`` (every ``nn.Conv2d``, in registration order) or
+            ``named_conv`` (the original code's key-name rule, :func:`named_conv_indices`).
 
     Raises:
-        ValueError: when ``|k|`` is 0 or exceeds the model's convolution count (the message gives the count).
+        ValueError: when ``|k|`` is 0 or exceeds the counted convolutions (the message gives the count), or when
+            ``named_conv`` counts none.
     """
-    n = len(conv_layers(model))
+    if layer_count == "named_conv":
+        counted = named_conv_indices(model)
+        if not counted:
+            raise ValueError(
+                f"defense.layer_count='named_conv' counts no convolution of this {type(model).__name__} teacher "
+                "(its layers have no conv1/conv2 names, as the original's VGG), so the vaccine would shuffle nothing "
+                "and be inert; use defense.layer_count=all_convs"
+            )
+    elif layer_count == "all_convs":
+        counted = list(range(len(conv_layers(model))))
+    else:
+        raise ValueError(f"defense.layer_count={layer_count!r} is not allowed; allowed: {', '.join(LAYER_COUNTS)}")
+    n = len(counted)
     if n == 0:
         raise ValueError("the Shuffling Vaccine needs a teacher with convolutions; this one has none")
     if n_shuf_layer is None or n_shuf_layer == "auto":
         k = max(1, min(round(n * PAPER_N_SHUF_LAYER / PAPER_N_CONV), n - 1))
-        return list(range(n - k, n))
+        return counted[n - k :]
     k = int(n_shuf_layer)
     if k == 0 or abs(k) > n:
         raise ValueError(
             f"defense.n_shuf_layer={n_shuf_layer!r} does not fit a teacher with {n} convolutions; "
             f"use 1..{n} (the last k), -{n}..-1 (the first |k|) or 'auto'"
         )
-    return list(range(n - k, n)) if k > 0 else list(range(-k))
+    return counted[n - k :] if k > 0 else counted[:-k]
 
 
 def draw_permutations(

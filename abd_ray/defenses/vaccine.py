@@ -27,7 +27,8 @@ from torch import nn
 
 from abd_ray.defenses._params import as_bool, as_choice, as_float, as_int
 from abd_ray.defenses.base import Defense, child_seed
-from abd_ray.defenses.shuffle import ShuffledEnsemble, draw_permutations, resolve_shuffled_layers
+from abd_ray.defenses.diagnostics import detection_diagnostics
+from abd_ray.defenses.shuffle import LAYER_COUNTS, ShuffledEnsemble, draw_permutations, resolve_shuffled_layers
 from abd_ray.defenses.vaccine_check import check_suspect
 from abd_ray.defenses.vaccine_math import (
     FIXED_MODES,
@@ -40,7 +41,11 @@ from abd_ray.memo import RowMemo
 from abd_ray.registry import DEFENSES
 
 if TYPE_CHECKING:
+    from abd_ray.engine.build import Evaluation
     from abd_ray.synthesizers.batch import Batch
+
+# Which of SV's two forms act on fixed or banked data (on fresh generator outputs only the generator term exists).
+BANK_MODES = ("synth", "term", "reweight", "both")
 
 
 @DEFENSES.register("sv")
@@ -56,6 +61,9 @@ class ShufflingVaccine(Defense):
         n_shuf_layer: convolutions to shuffle: ``k > 0`` the last k, ``k < 0`` the first |k|, or ``"auto"``
             (default): the paper's share of the depth, ``round(n_convs * 5 / 16)`` (WRN-16-2: the paper's 5;
             the digits CNNs: the last 1 of 3).
+        layer_count: which convolutions n_shuf_layer counts: ``all_convs`` (default: every convolution, in
+            registration order) or ``named_conv`` (the original code's rule, state-dict keys containing "conv":
+            the same 16 on a WRN-16-2, a ResNet's projection shortcuts skipped, nothing on a VGG, which is refused).
         no_shuf_grad: when true the generator term's gradient flows through the teacher only, not through the
             shuffled copies (paper default: false, it flows through both).
         pseudo_test_batches: batches collected for the vaccine check; 0 (default, as in the paper's main runs)
@@ -68,6 +76,16 @@ class ShufflingVaccine(Defense):
             ``drop`` or ``ascent`` (see :func:`~abd_ray.defenses.vaccine_math.reweighted_loss`).
         fixed_cap: the per-sample loss at which ``capped`` stops pushing a masked sample away: ``"auto"``
             (default) = ln(number of classes), the KL from a confident teacher to a uniform student at T = 1.
+        bank_mode: which of SV's forms act on fixed or banked data: ``synth`` (default: what each synthesizer
+            does today: cmi's synthesis gets the generator term and its KD the reweighting, deepinversion the
+            reweighting only, ood and clean the reweighting), ``term`` (the synthesis term only, plain KD: the
+            original's CMI and DeepInversion; ood and clean have no synthesis, so SV does nothing there),
+            ``reweight`` (the reweighting only) or ``both``.
+
+    Diagnostics (``probe``, where the attack is known): ``sv_auc``, the ROC-AUC of the suspect's divergence ``d``
+    (lower = more suspect) with the triggered test images as positives and the clean test set as negatives (1.0:
+    every triggered image is more suspect than every clean one), and ``sv_mask_poison`` / ``sv_mask_clean``, the %
+    of each the mask flags. Measured once per permutation draw.
     """
 
     wants_teacher_features = True  # the suspect then starts from the teacher's trunk output instead of re-running it
@@ -82,6 +100,8 @@ class ShufflingVaccine(Defense):
         "tail_threshold": 0.02,
         "fixed_mode": "capped",
         "fixed_cap": "auto",
+        "layer_count": "all_convs",
+        "bank_mode": "synth",
     }
 
     def validate(self) -> None:
@@ -103,6 +123,8 @@ class ShufflingVaccine(Defense):
         p["fixed_mode"] = as_choice("fixed_mode", p["fixed_mode"], FIXED_MODES)
         if p["fixed_cap"] != "auto":
             p["fixed_cap"] = as_float("fixed_cap", p["fixed_cap"], lo=0.0, lo_open=True)
+        p["layer_count"] = as_choice("layer_count", p["layer_count"], LAYER_COUNTS)
+        p["bank_mode"] = as_choice("bank_mode", p["bank_mode"], BANK_MODES)
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -125,11 +147,12 @@ class ShufflingVaccine(Defense):
         self._masked: deque[float] = deque(maxlen=100)
         self._div: deque[float] = deque(maxlen=100)
         self._memo = RowMemo()  # the suspect's logits per stored sample, on unaugmented fixed data
+        self._probe: dict[str, float] | None = None  # the detection diagnostics of the current permutation draw
 
     # -- hooks ----------------------------------------------------------------------------------------------------
 
     def check_teacher(self, teacher: nn.Module) -> None:
-        resolve_shuffled_layers(teacher, self.params["n_shuf_layer"])
+        resolve_shuffled_layers(teacher, self.params["n_shuf_layer"], self.params["layer_count"])
 
     def bind(
         self,
@@ -146,7 +169,7 @@ class ShufflingVaccine(Defense):
         self.fixed_data = bool(fixed_data)
         cap = self.params["fixed_cap"]
         self._cap = math.log(num_classes) if cap == "auto" else float(cap)
-        self.layers = resolve_shuffled_layers(teacher, self.params["n_shuf_layer"])
+        self.layers = resolve_shuffled_layers(teacher, self.params["n_shuf_layer"], self.params["layer_count"])
         self._rng.manual_seed(child_seed(generator))
         self._build(draw_permutations(teacher, self.layers, self.params["n_shuf_ens"], self._rng))
 
@@ -155,6 +178,7 @@ class ShufflingVaccine(Defense):
         device = next(self.teacher.parameters()).device
         self.suspect = ShuffledEnsemble(self.teacher, perms).to(device)
         self._memo.clear()  # rows of the previous suspect
+        self._probe = None
 
     def observe(self, batch: Batch, step: int) -> None:
         if self._check_done:
@@ -194,8 +218,14 @@ class ShufflingVaccine(Defense):
         with torch.no_grad():
             return self.suspect(x, t_feats)
 
+    def _wants_term(self, batch: Batch) -> bool:
+        if not self.fixed_data:
+            return True
+        mode = self.params["bank_mode"]
+        return mode in ("term", "both") or (mode == "synth" and not batch.term_optional)
+
     def generator_term(self, batch: Batch) -> torch.Tensor | None:
-        if not self.active:
+        if not (self.active and self._wants_term(batch)):
             return None
         u = self._suspect_logits(batch.x, with_grad=not self.params["no_shuf_grad"], t_feats=batch.t_feats)
         term, m, d = masked_divergence_term(batch.t_logits, u, self.params["coef"])
@@ -204,7 +234,7 @@ class ShufflingVaccine(Defense):
         return term
 
     def student_loss(self, per_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if not (self.active and self.fixed_data):
+        if not (self.active and self.fixed_data) or self.params["bank_mode"] == "term":
             return per_sample.mean()
         x, t_logits = batch.x, batch.t_logits
         if batch.keys is not None:  # stored samples fed unchanged: the frozen suspect's logits, once per sample
@@ -230,6 +260,17 @@ class ShufflingVaccine(Defense):
                 sv_tail_ratio=self.check_ratio if not math.isnan(self.check_ratio) else -1.0,
             )
         return out
+
+    @torch.no_grad()
+    def probe(self, evaluation: Evaluation, student: nn.Module, teacher: nn.Module, step: int) -> dict[str, float]:
+        if self.suspect is None or self.teacher is None or len(evaluation.x_poison) == 0:
+            return {}
+        if self._probe is None:  # the suspect is frozen between draws: one measurement per draw
+            det = detection_diagnostics(self.teacher, self.suspect, evaluation.x_test, evaluation.x_poison)
+            self._probe = {k: det[src] for k, src in
+                           (("sv_auc", "sv_det_auc"), ("sv_mask_poison", "sv_mask_poison"),
+                            ("sv_mask_clean", "sv_mask_clean"))}
+        return dict(self._probe)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 

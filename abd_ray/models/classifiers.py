@@ -41,7 +41,14 @@ class _WideBlock(nn.Module):
 
 
 class WideResNet(Classifier):
-    """WRN-depth-widen for small images; three stages, pre-activation blocks."""
+    """WRN-depth-widen for small images; three stages, pre-activation blocks.
+
+    Attributes:
+        features_pre_bn: when true, ``return_features=True`` gives the last stage's output before the final
+            BN-ReLU (the original ZSKT code's third attention map) instead of after it; the logits do not change.
+    """
+
+    features_pre_bn = False
 
     def __init__(self, depth: int, widen: int, num_classes: int, shape: Sequence[int], mean, std) -> None:
         super().__init__(shape[0], num_classes, mean, std)
@@ -68,6 +75,19 @@ class WideResNet(Classifier):
 
     def stages(self) -> nn.ModuleList:
         return self._stages
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        if not (return_features and self.features_pre_bn):
+            return super().forward(x, return_features)
+        h = (x - self.mean) / self.std
+        feats = []
+        for stage in self._stages:
+            h = stage(h)
+            feats.append(h)
+        emb = self.pool_head(F.relu(self.bn(h)))
+        return self.fc(emb), feats + [emb]
 
     def run_stage(self, i: int, h: torch.Tensor) -> torch.Tensor:
         # The last stage's output is taken after the final BN-ReLU, as attention transfer expects.

@@ -117,6 +117,7 @@ class StudySpec:
     device: str = "auto"
     teacher_file: str | None = None
     faults: tuple[dict[str, Any], ...] = ()
+    profile: str = "default"  # abd_ray.profiles: values every trial takes under the study's explicit ones
     source: str = ""  # the study file's text, kept for MLflow and the study folder
 
     # --- building ------------------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ class StudySpec:
             defense_params=dict(self.defense_params.get(defense, {})) if kind == "grid" else {},
             steps=self.budget.get("steps"), batch_size=self.budget.get("batch_size"),
             eval_every=self.budget.get("eval_every"), seed=seed, teacher_seed=self.teacher.get("seed", 0),
-            device=self.device,
+            device=self.device, profile=self.profile,
         )
 
     def base_config(self, attack: str, synth: str, defense: str, seed: int, kind: str) -> dict[str, Any]:
@@ -198,7 +199,8 @@ class StudySpec:
         student file: a study's students start from scratch), the study's ``study.kind`` / ``study.cell`` and the
         ``fault.*`` keys of the faults that match it. The study keys are logged with the params and stripped by
         the trainable."""
-        flat = self.run_config(attack, synth, defense, seed, kind).to_flat()
+        # The profile's values are written out, so a trial's params show what it ran with.
+        flat = self.run_config(attack, synth, defense, seed, kind).with_profile().to_flat()
         for k in PLANNED_KEYS + ("student_file",):
             del flat[k]
         flat.update({"study.kind": kind, "study.cell": cell_key(attack, synth)})

@@ -56,6 +56,7 @@ _TOP_KEYS = {
     "faults": "fault injection for testing the study machinery: [{attack, synthesizer, defense, seed, "
               "raise_at_step | nan_at_step | pause_per_eval_s}]",
     "device": "auto | cpu | cuda",
+    "profile": "named synthesizer and defense values under the study's own: default | paper",
 }
 _ATTACK_KEYS = ("target", "poison_ratio", "seed", "pattern_file", "mask_file")
 _TEACHER_KEYS = ("arch", "epochs", "batch_size", "lr", "seed")
@@ -250,6 +251,8 @@ class Validator:
                 raise self.fail("attacks", f"{list(attacks)}: with teacher_file the study distils one given teacher, "
                                            "so list exactly the one attack it carries")
         faults = self.faults(raw.get("faults"))
+        profile = self.profile(raw.get("profile", "default"), dataset, synth, defense_params,
+                               synths, [*defenses, *self._searched(raw.get("search"))])
 
         search = None
         if mode == "search":
@@ -268,7 +271,7 @@ class Validator:
             teacher=teacher, student=student, budget=budget, cpu=cpu, gpu=gpu, max_concurrent=max_concurrent,
             max_failures=max_failures, search=search, smoke=smoke, cache_dir=cache_dir, device=device,
             teacher_file=str(self.path(teacher_file).resolve()) if teacher_file else None,
-            faults=tuple(faults),
+            faults=tuple(faults), profile=profile,
         )
         self._check_teachers(spec)
         if spec.planned_trials() == 0:
@@ -306,6 +309,35 @@ class Validator:
                 self.integer(rule["seed"], f"faults[{i}].seed", 0)
             faults.append(rule)
         return faults
+
+    @staticmethod
+    def _searched(search: Any) -> list[str]:
+        ok = isinstance(search, dict) and isinstance(search.get("defense"), str)
+        return [search["defense"]] if ok else []
+
+    def profile(self, name: Any, dataset: str, synth: dict, defense_params: dict, synths: tuple[str, ...],
+                defenses: list[str]) -> str:
+        """The ``profile:`` name; its values under the study's own, for every synthesizer x defense of the study,
+        must validate."""
+        from abd_ray.defenses import build_defense
+        from abd_ray.profiles import check_profile, profile_values
+        from abd_ray.registry import SYNTHESIZERS
+
+        try:
+            check_profile(name)
+        except ValueError as e:
+            raise self.fail("profile", str(e)) from None
+        if name == "default":
+            return name
+        for s in synths:
+            for d in dict.fromkeys(defenses):
+                try:
+                    p_synth, p_defense = profile_values(name, s, dataset, d)
+                    SYNTHESIZERS.get(s).resolve_params({**p_synth, **(synth.get(s) or {})}, dataset)
+                    build_defense(d, {**p_defense, **(defense_params.get(d) or {})})
+                except ValueError as e:
+                    raise self.fail("profile", f"{name} for {s} / {d}: {e}") from None
+        return name
 
     def _check_teachers(self, spec: StudySpec) -> None:
         """Build the teacher of each attack as the study will, and let its spec validate it (pattern and mask files

@@ -19,9 +19,12 @@ class Batch:
         t_logits: teacher logits on ``x`` (float32).
         t_feats: the teacher's block outputs on ``x``, where the synthesizer had them or the defense asked for them.
         keys: each row's sample key, where the rows are stored samples fed unchanged (:class:`abd_ray.memo.RowMemo`).
+        term_optional: set on a synthesis loss whose own method has no defense term (DeepInversion); a defense
+            adds its term there only when configured to (the vaccine's ``bank_mode`` term / both).
     """
 
     x: torch.Tensor
     t_logits: torch.Tensor
     t_feats: list[torch.Tensor] | None = None
     keys: torch.Tensor | None = None
+    term_optional: bool = False

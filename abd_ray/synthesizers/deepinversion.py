@@ -124,6 +124,8 @@ class DeepInversion(BankSynthesizer):
                 with ctx.autocast():
                     s_logits = ctx.student(xa).float()
                 loss = loss + p["adi"] * (1.0 - js_divergence(t_logits, s_logits))
+            # Outside the BN hooks: the vaccine's suspect re-runs the teacher's trunk.
+            loss = self.add_defense_term(loss, Batch(xa, t_logits, term_optional=True))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

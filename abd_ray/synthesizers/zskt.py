@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from abd_ray.losses import attention_transfer, features_match, kd_divergence
+from abd_ray.losses import KD_FORMS, attention_transfer, features_match, kd_divergence
 from abd_ray.models import build_model
 from abd_ray.registry import SYNTHESIZERS
 from abd_ray.synthesizers.base import Batch, SynthContext, Synthesizer
@@ -95,6 +95,12 @@ class ZSKT(GenerativeSynthesizer):
         "clip_g": 5.0,  # ZSKT: gradient norm clipped at 5 (generator)
         "beta": 250.0,  # ZSKT: attention-transfer weight; forced to 0 when the block outputs do not pair up
         "T": 1.0,  # ZSKT: plain KL between the softmaxes
+        # The KL's scale for the student's KD and the generator's loss: "batchmean" (ours: summed over classes,
+        # x T^2, mean over the batch) or "mean" (the original code: mean over batch and classes, no T^2).
+        "kd_reduction": "batchmean",
+        # The third attention map of a WRN: "post_bn" (ours: after the final BN-ReLU) or "pre_bn" (the original
+        # code's, before it); the same map on classifiers without a BN after their last stage.
+        "at_layer": "post_bn",
     }
     dataset_defaults = {
         # 8x8 digits (ours, docs/defaults.md): ZSKT's 10 student steps per generator step double the cost for no
@@ -103,9 +109,15 @@ class ZSKT(GenerativeSynthesizer):
     }
     positive = Synthesizer.positive | {"z_dim", "ngf", "n_g", "n_s", "lr_g"}
     nullable = Synthesizer.nullable | {"clip_g"}
+    choices = {**Synthesizer.choices, "kd_reduction": KD_FORMS, "at_layer": ("post_bn", "pre_bn")}
 
     def __init__(self, ctx: SynthContext, params: dict[str, Any] | None = None) -> None:
         super().__init__(ctx, params)
+        if "at_layer" in self.params:
+            # Set on every run (not only pre_bn ones), so a model shared with an earlier run keeps no stale choice.
+            for model in (ctx.student, ctx.teacher):
+                if hasattr(model, "features_pre_bn"):
+                    model.features_pre_bn = self.params["at_layer"] == "pre_bn"
         self.beta = float(self.params["beta"])
         if self.beta > 0 and not self._blocks_pair_up():
             self.beta = 0.0  # ZSKT: attention transfer only between architectures whose blocks pair up
@@ -123,7 +135,7 @@ class ZSKT(GenerativeSynthesizer):
 
     def disagreement(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
         """Per-sample divergence the generator maximises."""
-        return kd_divergence(s_logits, t_logits, self.params["T"], reduction="none")
+        return kd_divergence(s_logits, t_logits, self.params["T"], reduction="none", form=self.params["kd_reduction"])
 
     def _gen_loss(self, x: torch.Tensor, t_logits: torch.Tensor, t_feats) -> torch.Tensor:
         student = self.ctx.student
