@@ -236,7 +236,8 @@ def test_cli_json(teacher, tmp_path, capsys):
     argv = ["distill", "--teacher-file", str(teacher.path), "--cache", str(tmp_path), "--steps", "4"]
     assert main([*argv, "--set", "eval_every=2", "--set", "batch_size=16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out) == {"clean_acc", "asr", "robust_acc", "teacher_clean_acc", "teacher_asr", "wall_s"}
+    assert set(out) == {"clean_acc", "asr", "robust_acc", "teacher_clean_acc", "teacher_asr", "wall_s", "details"}
+    assert {"loss_kd", "lr_s", "cpu_s"} <= set(out["details"]) and "clean_acc" not in out["details"]
     assert out["teacher_asr"] > 50 and 0 <= out["clean_acc"] <= 100
     assert main(argv) == 0  # the human summary
     text = capsys.readouterr().out

@@ -232,6 +232,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     m = result.metrics
     if args.json:
         out = {k: m.get(k) for k in JSON_KEYS}
+        # The rest of the last evaluation (losses, learning rate, the defense's metrics and diagnostics).
+        out["details"] = {k: v for k, v in sorted(m.items()) if k not in JSON_KEYS}
         if cfg.profile != "default":
             out["config"] = cfg.to_flat()  # the profile's values as the run resolved them
         print_json(out)
