@@ -512,3 +512,221 @@ def test_sr_lowers_the_asr_of_a_tiny_poisoned_student_where_plain_kd_does_not():
     assert asr_kd > 90  # KD on clean inputs alone does not remove the backdoor
     assert asr_sr < asr_kd - 20, out
     assert acc_sr > acc0 - 3, out
+
+
+# --- Self-Retrospection: the original's forms as options (pert_space ... sr_fresh_opt) -------------------------------
+
+
+def _sr_bound(params: dict, student: nn.Module | None = None, teacher: nn.Module | None = None):
+    """An SR defense in its second stage from step 0, bound to a cnn_s student (std 0.25) and a cnn_l teacher."""
+    student = _cnn("cnn_s", seed=1).train() if student is None else student
+    teacher = _cnn("cnn_l", seed=2) if teacher is None else teacher
+    sr = build_defense("sr", {"sr_start": 0.0, "inner_round": 3, "K": 2, **params})
+    sr.bind(teacher, student, (1, 8, 8), 10, 100, torch.Generator().manual_seed(0), fixed_data=False)
+    return sr, student, teacher
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"pert_space": "pixel"}, r"pert_space='pixel' is not allowed; allowed: pixel_clamp, normalized"),
+        ({"pert_init": "gauss"}, r"pert_init='gauss' is not allowed; allowed: noise, zero"),
+        ({"search_l2": -1}, r"search_l2=-1 is outside \[0.0, inf\]"),
+        ({"sr_loss": "sum"}, r"sr_loss='sum' is not allowed; allowed: batchmean, mean, batchmean_t2"),
+        ({"sr_T": 0}, r"sr_T=0 is outside \(0.0, inf\]"),
+        ({"sr_bn": "frozen"}, r"sr_bn='frozen' is not allowed; allowed: eval, train"),
+        ({"inner_detach_clean": "yes"}, r"inner_detach_clean='yes' must be true or false"),
+        ({"hg_ref_grad": True}, r"hg_ref_grad=true needs defense.hg_ref=student"),
+        ({"hg_out_rounding": "ceil"}, r"hg_out_rounding='ceil' is not allowed; allowed: round, floor"),
+        ({"sr_clip": 0}, r"sr_clip=0 is not allowed; allowed: synth, null \(no clip\) or a number > 0"),
+        ({"sr_clip": "none"}, r"sr_clip='none' is not allowed"),
+        ({"sr_fresh_opt": 2}, r"sr_fresh_opt=2 must be true or false"),
+    ],
+)
+def test_sr_option_values_are_checked_with_the_key_and_the_allowed_values(params, match):
+    for name in ("sr", "abd"):
+        with pytest.raises(ValueError, match=match):
+            build_defense(name, params)
+
+
+def test_sr_option_defaults_are_todays_forms_and_abd_accepts_every_key():
+    sr = build_defense("sr")
+    assert {k: sr.params[k] for k in ("pert_space", "pert_init", "search_l2", "sr_loss", "sr_T", "sr_bn",
+                                      "inner_detach_clean", "hg_ref_grad", "hg_out_rounding", "sr_clip",
+                                      "sr_fresh_opt")} == {
+        "pert_space": "pixel_clamp", "pert_init": "noise", "search_l2": None, "sr_loss": "batchmean", "sr_T": 1.0,
+        "sr_bn": "eval", "inner_detach_clean": False, "hg_ref_grad": False, "hg_out_rounding": "round",
+        "sr_clip": "synth", "sr_fresh_opt": False}
+    assert build_defense("sr", {"sr_max_ratio": None}).params["sr_max_ratio"] is None
+    assert (sr.stage2_clip(5.0), sr.stage2_clip(None), sr.stage2_fresh_optimizer()) == (5.0, None, False)
+    other = build_defense("sr", {"sr_clip": None, "sr_fresh_opt": True})
+    assert (other.stage2_clip(5.0), other.stage2_fresh_optimizer()) == (None, True)
+    assert build_defense("sr", {"sr_clip": 2}).stage2_clip(5.0) == 2.0
+    abd = build_defense("abd", {"pert_space": "normalized", "sr_loss": "mean", "sr_bn": "train", "sr_clip": None})
+    assert abd.sr.params["pert_space"] == "normalized" and abd.sr.params["sr_bn"] == "train"
+
+
+def test_normalized_space_adds_delta_in_std_units_without_a_clamp_and_zero_changes_no_input():
+    from abd_ray.defenses.retrospection import SRForm
+
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0)) * 2  # generator outputs leave [0, 1]
+    std = torch.tensor([0.2, 0.5, 1.0]).view(1, 3, 1, 1)
+    d = torch.randn(1, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    norm, pixel = SRForm(std), SRForm()
+    assert torch.equal(norm.apply(x, torch.zeros_like(d)), x)
+    assert torch.equal(norm.apply(x, d), x + d * std) and torch.equal(norm.pixel(d), d * std)
+    assert not torch.equal(pixel.apply(x, torch.zeros_like(d)), x)  # the clamp alone changes inputs
+    assert torch.equal(pixel.apply(x, d), (x + d).clamp(0, 1)) and torch.equal(pixel.pixel(d), d)
+    sr, student, _ = _sr_bound({"pert_space": "normalized"})
+    assert torch.equal(sr.form.std, student.std) and build_defense("sr").form.std is None
+
+
+def test_zero_start_draws_nothing_and_noise_start_draws_from_the_defense_stream():
+    from abd_ray.defenses.retrospection import find_perturbation
+
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = _cnn("cnn_s")
+    for init, drawn in (("zero", False), ("noise", True)):
+        g = torch.Generator().manual_seed(4)
+        before = g.get_state()
+        d0 = find_perturbation(model, x, inner_round=0, generator=g, init=init)
+        assert (d0.abs().max() == 0) is not drawn and torch.equal(g.get_state(), before) is not drawn
+        assert find_perturbation(model, x, inner_round=3, generator=g, init=init).abs().max() > 0  # it moves
+
+
+def test_search_l2_is_the_searchs_penalty_and_the_inner_loss_keeps_pert_l2(monkeypatch):
+    from abd_ray.defenses import retrospection as r
+
+    seen = {}
+    search, hyper = r.find_perturbation, r.retrospection_hypergrad
+    monkeypatch.setattr(r, "find_perturbation", lambda *a, **k: seen.setdefault("search", a[4]) and search(*a, **k))
+    monkeypatch.setattr(r, "retrospection_hypergrad", lambda *a, **k: seen.setdefault("inner", a[4]) and hyper(*a, **k))
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for params, expect in (({"pert_l2": 0.01}, (0.01, 0.01)), ({"pert_l2": 0.01, "search_l2": 0.5}, (0.5, 0.01))):
+        seen.clear()
+        sr, student, teacher = _sr_bound(params)
+        sr.add_student_grads(student, teacher, x, step=0)
+        assert (seen["search"], seen["inner"]) == expect
+
+
+def test_sr_loss_forms_and_temperature():
+    from abd_ray.defenses.retrospection import SRForm
+
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(6, 10, generator=g) * 3, torch.randn(6, 10, generator=g) * 3
+    batchmean = SRForm().divergence(p, q)
+    ref = F.kl_div(F.log_softmax(q, 1), F.log_softmax(p, 1), log_target=True, reduction="batchmean")
+    assert batchmean == pytest.approx(float(ref), rel=1e-6)
+    assert SRForm(loss="mean").divergence(p, q) == pytest.approx(float(batchmean) / 10, rel=1e-6)
+    hot = F.kl_div(F.log_softmax(q / 4, 1), F.log_softmax(p / 4, 1), log_target=True, reduction="batchmean")
+    assert SRForm(loss="batchmean_t2", T=4.0).divergence(p, q) == pytest.approx(16 * float(hot), rel=1e-6)
+    assert SRForm(loss="mean", T=4.0).divergence(p, q) == pytest.approx(float(hot) / 10, rel=1e-6)
+    assert torch.equal(SRForm(loss="batchmean_t2").divergence(p, q), batchmean)  # T=1: the same number
+
+
+def test_sr_bn_train_moves_running_statistics_and_eval_does_not():
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for mode, moved in (("eval", False), ("train", True)):
+        for ref in ("teacher", "student"):
+            sr, student, teacher = _sr_bound({"sr_bn": mode, "hg_ref": ref})
+            before = [b.clone() for b in student.buffers()]
+            sr.add_student_grads(student, teacher, x, step=0)
+            same = all(torch.equal(a, b) for a, b in zip(before, student.buffers(), strict=True))
+            assert same is not moved and student.training, (mode, ref)
+            assert all(torch.isfinite(q.grad).all() for q in student.parameters())
+            assert math.isfinite(sr.metrics()["sr_outer"])
+
+
+def _hypergrad(student, x, delta, **kw):
+    from abd_ray.defenses.retrospection import retrospection_hypergrad
+
+    return retrospection_hypergrad(student, x, delta, portion=0.25, K=2, generator=torch.Generator().manual_seed(3),
+                                   **kw)
+
+
+def test_detached_clean_side_and_reference_gradient_change_the_gradient_only():
+    """Both options leave the outer loss's value as it was. With the reference's gradient, the hypergradient gains
+    exactly the derivative of the outer loss through ``S(x)`` (the implicit term sees only the reference's value)."""
+    from abd_ray.defenses.retrospection import SRForm
+
+    student = _cnn("cnn_s", seed=1)  # eval mode: every forward is the same function
+    with torch.no_grad():
+        student.fc.weight.mul_(30)  # confident predictions: an untrained net's are uniform, its gradients ~1e-5
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    delta = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.3
+    base, s0 = _hypergrad(student, x, delta)
+    detached, s1 = _hypergrad(student, x, delta, detach_clean=True)
+    with_ref, s2 = _hypergrad(student, x, delta, ref_grad=True)
+    assert s0 == s1 == s2
+    assert all((a - b).norm() > 1e-3 * a.norm() for a, b in zip(base, detached, strict=True))
+    sel = torch.zeros(16, 1, 1, 1)
+    sel[torch.randperm(16, generator=torch.Generator().manual_seed(3))[:4]] = 1.0
+    params = [q for q in student.parameters() if q.requires_grad]
+    through_ref = torch.autograd.grad(
+        SRForm().divergence(student(x), student(SRForm().apply(x, sel * delta)).detach()), params)
+    for a, b, c in zip(with_ref, base, through_ref, strict=True):
+        assert torch.allclose(a - b, c, rtol=1e-4, atol=1e-7) and c.norm() > 1e-3 * b.norm()
+    with pytest.raises(ValueError, match="ref_grad needs"):
+        _hypergrad(student, x, delta, ref_grad=True, reference=torch.zeros(16, 10))
+
+
+@pytest.mark.parametrize("n, rounded, floored", [(128, 3, 2), (64, 1, 1), (256, 5, 5), (10, 1, 1)])
+def test_outer_rows_rounded_or_floored(n, rounded, floored):
+    from abd_ray.defenses.retrospection import retrospection_hypergrad
+
+    student = _cnn("cnn_s", seed=1)
+    x = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    delta = torch.full((1, 1, 8, 8), 0.1)
+    for rounding, k in (("round", rounded), ("floor", floored)):
+        _, stats = retrospection_hypergrad(student, x, delta, portion=0.02, K=1, rounding=rounding,
+                                           generator=torch.Generator().manual_seed(0))
+        assert stats["sr_perturbed"] == k
+
+
+class _Bright(nn.Module):
+    """Class 0 when the image is bright on average, class 1 otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1), requires_grad=False)  # where predict() finds the device
+
+    def forward(self, x):
+        m = x.mean((1, 2, 3))
+        return torch.stack([m - 0.5, 0.5 - m] + [m * 0 - 1] * 8, dim=1)
+
+
+def test_sr_probe_finds_a_trigger_equal_delta_and_leaves_the_run_untouched():
+    from abd_ray.engine.build import Evaluation
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(40, 1, 8, 8, generator=g) * 0.3  # dark: class 1
+    trigger = torch.zeros(1, 1, 8, 8)
+    trigger[..., 5:, 5:] = 0.9
+    ev = Evaluation(clean, torch.ones(40, dtype=torch.long), (clean + trigger).clamp(0, 1), torch.ones(40), 0, clean)
+    change = (ev.x_poison - clean).mean(0, keepdim=True)
+    x = torch.randn(16, 1, 8, 8, generator=g)  # synthetic, outside [0, 1]
+    for space in ("pixel_clamp", "normalized"):
+        sr, student, _ = _sr_bound({"pert_space": space})
+        assert sr.probe(ev, student, _Bright(), 0) == {}  # no SR step yet
+        sr.add_student_grads(student, _cnn("cnn_l", seed=2), x, step=0)
+        cold = sr.probe(ev, student, _Bright(), 1)
+        assert set(cold) == {"sr_flip0", "sr_trigger_target_rate", "sr_student_target_rate", "sr_trigger_cos"}
+        assert 0.0 <= cold["sr_flip0"] <= 100.0
+        # Half the rows are dark only outside [0, 1] (mean 0.125, clamped 0.75): the clamp alone flips them.
+        sr._last_x = torch.cat([torch.tensor([1.5, 1.5, 1.5, -4.0]).repeat(16).view(1, 1, 8, 8).expand(8, 1, 8, 8),
+                                torch.full((8, 1, 8, 8), 0.2)])
+        assert sr.probe(ev, _Bright(), _Bright(), 1)["sr_flip0"] == (0.0 if space == "normalized" else 50.0)
+        sr._last_delta = change if space == "pixel_clamp" else change / sr.form.std
+        buffers, rng = [b.clone() for b in student.buffers()], torch.get_rng_state()
+        out = sr.probe(ev, student, _Bright(), 1)
+        assert out["sr_trigger_cos"] == pytest.approx(1.0, abs=1e-6)
+        sr._last_delta = -sr._last_delta
+        assert sr.probe(ev, student, _Bright(), 1)["sr_trigger_cos"] == pytest.approx(-1.0, abs=1e-6)
+        sr._last_delta = torch.full((1, 1, 8, 8), 1.0) / (1.0 if space == "pixel_clamp" else sr.form.std)
+        bright = sr.probe(ev, student, _Bright(), 1)
+        assert bright["sr_trigger_target_rate"] == 100.0 and out["sr_trigger_target_rate"] < 100.0
+        assert 0.0 <= bright["sr_student_target_rate"] <= 100.0
+        assert student.training and torch.equal(torch.get_rng_state(), rng)
+        assert all(torch.equal(a, b) for a, b in zip(buffers, student.buffers(), strict=True))
+        unattacked = Evaluation(clean, ev.y_test, clean[:0], ev.y_poison[:0], None, clean[:0])
+        assert set(sr.probe(unattacked, student, _Bright(), 1)) == {"sr_flip0"}

@@ -303,3 +303,47 @@ def test_distillation_in_process_and_in_a_ray_task_agree(cache):
         ray.shutdown()
     assert {"clean_acc", "asr", "loss_kd", "teacher_clean_acc"} <= set(here)
     assert here == there
+
+
+# Every SR option at its non-default value: the original's forms (a CMI-like combination of them).
+PAPER_LIKE_SR = {
+    "sr_start": 0.5, "inner_round": 3, "K": 2, "pert_model": "teacher", "hg_ref": "student", "sr_max_ratio": None,
+    "pert_space": "normalized", "pert_init": "zero", "search_l2": 0.0, "sr_loss": "batchmean_t2", "sr_T": 4.0,
+    "sr_bn": "train", "inner_detach_clean": True, "hg_ref_grad": True, "hg_out_rounding": "floor", "sr_clip": None,
+    "sr_fresh_opt": True,
+}
+
+
+def test_sr_with_every_original_form_runs_with_a_fresh_optimiser_no_stage2_clip_and_resumes_exactly(
+    teacher, tmp_path, monkeypatch
+):
+    """Stage 2 (from step 3 of 6) starts a fresh Adam and clips nothing; a run stopped before it (state 2) or
+    inside it (state 4) and resumed ends where the uninterrupted run ends."""
+    import types
+
+    import abd_ray.engine.distill as loop
+
+    clips = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(loop, "nn", types.SimpleNamespace(utils=types.SimpleNamespace(
+        clip_grad_norm_=lambda params, max_norm: clips.append(max_norm) or real_clip(params, max_norm))))
+    states = {}
+    cfg = cfg_for("zskt", steps=6, seed=3, defense="sr", defense_params=PAPER_LIKE_SR)
+    full = distill(cfg, teacher=teacher, progress=False,
+                   report=lambda m, s, get_state: states.__setitem__(s, get_state()))
+    assert full.metrics["sr_steps"] > 0 and all(math.isfinite(v) for k, v in full.metrics.items()
+                                                 if k not in ("asr", "robust_acc")), full.metrics
+    assert {"sr_flip0", "sr_trigger_target_rate", "sr_student_target_rate", "sr_trigger_cos"} <= set(full.metrics)
+    per_step = states[2]["opt_s"]["state"][0]["step"] / 2  # student steps per loop step
+    assert states[4]["opt_s"]["state"][0]["step"] == per_step  # new moments from step 3: one loop step's worth
+    assert states[6]["opt_s"]["state"][0]["step"] == 3 * per_step
+    assert len(clips) == 3 * per_step and set(clips) == {5.0}  # the synthesizer's clip in stage 1 only
+    for at in (2, 4):
+        path = tmp_path / f"state{at}.pt"
+        save_state(states[at], path)
+        resumed = distill(cfg, teacher=teacher, progress=False, resume_state=load_state(path))
+        for (k, a), (_, b) in zip(full.student.state_dict().items(), resumed.student.state_dict().items(),
+                                  strict=True):
+            assert torch.allclose(a.float(), b.float(), atol=1e-5), (at, k)
+        for key in ("clean_acc", "asr", "loss_kd", "sr_outer", "sr_flip0", "sr_trigger_cos"):
+            assert resumed.metrics[key] == pytest.approx(full.metrics[key], abs=1e-4), (at, key)

@@ -13,7 +13,8 @@ see batches (``observe``, ``generator_term``, ``student_loss``), each with the :
 - ``observe``: every new batch, detached (the vaccine check collects here);
 - ``generator_term``: a term added to a generator's loss; the batch keeps its graph;
 - ``student_loss``: turns per-sample KD losses into the batch loss (fixed or banked data may reweight);
-- ``stage2_start`` / ``stage2_lr``: where a second stage starts, and its fresh learning rate (SR);
+- ``stage2_start`` / ``stage2_lr`` / ``stage2_clip`` / ``stage2_fresh_optimizer``: where a second stage starts,
+  its fresh learning rate, its gradient clip and whether it starts with a fresh student optimiser (SR);
 - ``add_student_grads``: called after ``zero_grad`` and before the KD backward of a student step; may write
   gradients into the student's ``.grad`` (SR's hypergradient), which the KD gradient then adds to;
 - ``metrics``: extra metrics reported with every evaluation;
@@ -110,6 +111,14 @@ class Defense:
 
     def stage2_lr(self) -> float | None:
         return None
+
+    def stage2_clip(self, clip: float | None) -> float | None:
+        """The student's gradient-norm clip in the second stage, given the synthesizer's ``clip`` (None: none)."""
+        return clip
+
+    def stage2_fresh_optimizer(self) -> bool:
+        """Whether the second stage starts with a fresh student optimiser of the same kind (new moments)."""
+        return False
 
     def add_student_grads(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor, step: int) -> None:
         """Write extra gradients into ``student``'s ``.grad`` before the KD backward of a student step."""

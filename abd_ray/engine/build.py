@@ -93,6 +93,8 @@ class Run:
         base_lr: the student's initial learning rate.
         stage2_from: the step where the defense's second stage starts, or None.
         stage2_lr: the second stage's fresh learning rate (None: the first stage's).
+        stage2_clip: the student's gradient-norm clip in the second stage, or None.
+        stage2_fresh_opt: whether the second stage starts with a fresh optimiser of the student's kind.
     """
 
     cfg: RunConfig
@@ -110,6 +112,8 @@ class Run:
     base_lr: float
     stage2_from: int | None
     stage2_lr: float | None
+    stage2_clip: float | None = None
+    stage2_fresh_opt: bool = False
 
     def in_stage2(self, step: int) -> bool:
         """Whether loop step ``step`` is in the defense's second stage."""
@@ -122,6 +126,18 @@ class Run:
             lr = float(self.stage2_lr) if self.stage2_lr is not None else self.base_lr
             return cosine_lr(lr, step - s2, steps - s2)
         return cosine_lr(self.base_lr, step, steps)
+
+    def clip_at(self, step: int) -> float | None:
+        """The student's gradient-norm clip at loop step ``step`` (None: no clip)."""
+        return self.stage2_clip if self.in_stage2(step) else self.clip
+
+    def optimizer_at(self, step: int) -> torch.optim.Optimizer:
+        """The student's optimiser for loop step ``step``: a fresh one of the same kind where the second stage
+        starts with one (as a run resumed from a checkpoint with new moments), the current one otherwise. A run
+        resumed after that step loads the fresh optimiser's state into the one it built."""
+        if self.stage2_fresh_opt and step == self.stage2_from:
+            self.opt = self.synth.student_optimizer(self.student.parameters())
+        return self.opt
 
 
 def _attack_of(teacher: Teacher | nn.Module, cfg: RunConfig):
@@ -196,7 +212,9 @@ def build_run(
                  fixed_data=synth_cls.fixed_data)
     s2 = defense.stage2_start(steps)
     s2 = None if s2 is None else max(0, min(int(s2), steps))
+    clip = synth.params["clip"]
     return Run(
         cfg, device, data, t_model, student, synth, defense, opt, streams, evaluation, teacher_metrics,
-        synth.params["clip"], float(synth.params["lr_s"]), s2, defense.stage2_lr(),
+        clip, float(synth.params["lr_s"]), s2, defense.stage2_lr(), defense.stage2_clip(clip),
+        defense.stage2_fresh_optimizer(),
     )

@@ -152,7 +152,7 @@ def _loop(
     run: Run, state: LoopState, report: ReportFn | None, progress: bool
 ) -> tuple[dict[str, float], torch.Tensor | None]:
     """Train from ``state.step`` to the end; returns the last evaluation's metrics and the last batch's inputs."""
-    student, synth, opt = run.student, run.synth, run.opt
+    student, synth = run.student, run.synth
     steps, eval_every = int(run.cfg.steps), int(run.cfg.eval_every)
     desc = f"distill {run.cfg.synthesizer}/{run.cfg.defense}"
     bar = tqdm(total=steps, initial=state.step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
@@ -161,8 +161,9 @@ def _loop(
     try:
         for step in range(state.step, steps):
             ts = time.perf_counter()
+            opt = run.optimizer_at(step)
             set_lr(opt, run.lr_at(step))
-            stage2 = run.in_stage2(step)
+            stage2, clip = run.in_stage2(step), run.clip_at(step)
             for batch in synth.student_batches(step):
                 opt.zero_grad(set_to_none=True)
                 if stage2:
@@ -172,8 +173,8 @@ def _loop(
                 s_logits, s_feats = out if isinstance(out, tuple) else (out, None)
                 loss, per_sample = synth.batch_loss(s_logits, s_feats, batch)
                 loss.backward()
-                if run.clip is not None:
-                    nn.utils.clip_grad_norm_(student.parameters(), run.clip)
+                if clip is not None:
+                    nn.utils.clip_grad_norm_(student.parameters(), clip)
                 opt.step()
                 state.kd_sum += per_sample.detach().mean()
                 state.kd_n += 1
