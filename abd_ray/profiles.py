@@ -20,13 +20,6 @@ PROFILES = ("default", "paper")
 # Which value groups each defense takes.
 _DEFENSE_GROUPS = {"none": (), "sv": ("sv",), "sr": ("sr",), "abd": ("sv", "sr", "abd")}
 
-# SR forms that SelfRetrospection may not implement yet in every checkout; a key of this set that the defense
-# does not know is left out instead of failing. Any other unknown key still fails the defense's validation.
-PENDING_SR_KEYS = frozenset({
-    "pert_space", "pert_init", "search_l2", "sr_loss", "sr_T", "sr_bn", "inner_detach_clean", "hg_ref_grad",
-    "hg_out_rounding", "sr_max_ratio", "sr_clip", "sr_fresh_opt",
-})
-
 # SR as the original runs it on every synthesizer: delta in the normalised input space from zero, found on the
 # teacher, the hypergradient's forwards in train mode, added raw (no ratio cap, no clip) with a fresh optimiser.
 _SR_COMMON: dict[str, Any] = {
@@ -117,13 +110,4 @@ def profile_values(name: str, synthesizer: str, dataset: str, defense: str) -> t
     values: dict[str, Any] = {}
     for g in groups:
         values.update({**base.get(g, {}), **extra.get(g, {})})
-    return synth, _known_pending(defense, values)
-
-
-def _known_pending(defense: str, values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` without the pending SR keys the defense does not implement (see :data:`PENDING_SR_KEYS`)."""
-    from abd_ray.registry import DEFENSES, load_all
-
-    load_all()
-    known = getattr(DEFENSES.get(defense), "defaults", {})
-    return {k: v for k, v in values.items() if k in known or k not in PENDING_SR_KEYS}
+    return synth, values

@@ -31,13 +31,36 @@ from run import ROOT, git_commit, machine, machine_line, update_section  # noqa:
 
 ATTACKS = ("badnet_grid", "blend", "trojan_3x3")
 DEFENSES = ("none", "abd")  # the spread's arms
+
+
+def _sets(values: dict) -> list[str]:
+    """``--set defense.<key>=<value>`` flags for ``values`` (None as YAML's null)."""
+    return [f for k, v in values.items() for f in ("--set", f"defense.{k}={'null' if v is None else v}")]
+
+
+def _paper_sr() -> dict:
+    from abd_ray.profiles import PAPER
+
+    return PAPER["zskt"]["sr"]
+
+
+# The paper's SV shuffles its last 5 "conv"-named layers of 16; the digits CNNs have 3 convolutions and no such
+# names, so the paper arms keep the share of the depth (the last 1 of 3) to stay comparable.
+_DIGITS_DEPTH = ["--set", "defense.layer_count=all_convs", "--set", "defense.n_shuf_layer=auto"]
 # An arm: the defense and the extra ``abd-ray distill`` flags that set its form. A plain defense name runs the
-# defense at its defaults, so the spread's records are the ablation's none and abd arms.
+# defense at its defaults, so the spread's records are the ablation's none and abd arms. ``-paper`` arms run the
+# published code's forms (abd_ray/profiles.py): ``sr-paper`` / ``abd-srpaper`` only SR's (beside today's SV), the
+# ``*-paper`` arms with ``--profile paper`` every form, synthesizer included.
 ARMS: dict[str, tuple[str, list[str]]] = {
     "none": ("none", []),
     "sv": ("sv", []),
     "sr": ("sr", []),
     "abd": ("abd", []),
+    "sr-paper": ("sr", _sets(_paper_sr())),
+    "abd-srpaper": ("abd", _sets(_paper_sr())),
+    "none-paper": ("none", ["--profile", "paper"]),
+    "sv-paper": ("sv", ["--profile", "paper", *_DIGITS_DEPTH]),
+    "abd-paper": ("abd", ["--profile", "paper", *_DIGITS_DEPTH]),
 }
 OUT = HERE / "results" / "spread"
 

@@ -250,3 +250,21 @@ def test_a_study_profile_is_validated():
         StudySpec.from_dict(raw)
     with pytest.raises(StudySpecError, match=r"profile.*dafl"):
         StudySpec.from_dict({**raw, "profile": "paper", "synthesizers": ["dafl"]})
+
+
+def test_abd_forwards_every_hook_its_components_override():
+    """ABD is SV + SR: a hook that either component overrides and ABD does not would silently fall back to the
+    undefended base (as a stage-2 option of SR would be ignored under abd)."""
+    from abd_ray.defenses.abd import ABD
+    from abd_ray.defenses.base import Defense
+    from abd_ray.defenses.retrospection import SelfRetrospection
+    from abd_ray.defenses.vaccine import ShufflingVaccine
+
+    hooks = [n for n, v in vars(Defense).items() if callable(v) and not n.startswith("_")]
+    for component in (ShufflingVaccine, SelfRetrospection):
+        for hook in hooks:
+            if getattr(component, hook) is not getattr(Defense, hook):
+                assert getattr(ABD, hook) is not getattr(Defense, hook), f"ABD does not forward {hook}"
+    abd = ABD(sr_fresh_opt=True, sr_clip=None)
+    assert abd.stage2_fresh_optimizer() is True and abd.stage2_clip(5.0) is None
+    assert ABD().stage2_fresh_optimizer() is False and ABD().stage2_clip(5.0) == 5.0

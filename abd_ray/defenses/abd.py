@@ -97,6 +97,12 @@ class ABD(Defense):
     def stage2_lr(self) -> float | None:
         return self.sr.stage2_lr()
 
+    def stage2_clip(self, clip: float | None) -> float | None:
+        return self.sr.stage2_clip(clip)
+
+    def stage2_fresh_optimizer(self) -> bool:
+        return self.sr.stage2_fresh_optimizer()
+
     def add_student_grads(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor, step: int) -> None:
         self.sr.add_student_grads(student, teacher, x, step)
 
