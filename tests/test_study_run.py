@@ -4,6 +4,8 @@
   the report are written, and a second ``abd-ray study`` on the folder refuses and points to ``resume``;
 - a driver SIGKILLed in the middle of a trial, then ``abd-ray resume``: every trial finishes once, nothing is left
   RUNNING, no step is logged twice;
+- a study whose warm start proposes the twin of a finished trial: answered from it (a trial in Tune, Optuna and
+  MLflow, marked reused, no compute), counted once by the report; the enqueued points are the first trials;
 - two Ray nodes on this machine (``ray.cluster_utils.Cluster``): trials on both, one node removed mid-trial, the
   trial restarts from its checkpoint on the other node and the study completes.
 """
@@ -204,6 +206,7 @@ def test_two_nodes_one_removed_mid_trial(tmp_path, cache):
     assert a["steps"] and all(s == [4 * i for i in range(1, 13)] for s in a["steps"].values())
 
 
+@pytest.mark.slow
 def test_a_twin_is_answered_from_its_finished_trial_and_the_warm_start_goes_first(tmp_path, cache):
     """A fixed ABD trial at its defaults, then (one trial at a time) the search's warm start: its first point, ABD
     at its defaults, is that trial's twin and is answered from it; its second is coef's low end. The reused trial
@@ -224,6 +227,9 @@ def test_a_twin_is_answered_from_its_finished_trial_and_the_warm_start_goes_firs
     assert [r["reused_from"] for r in reused] == [f"tiny/{fixed['trial_id']}"] and rep["counts"]["reused"] == 1
     assert (reused[0]["clean_acc"], reused[0]["asr"]) == (fixed["clean_acc"], fixed["asr"])
     assert reused[0]["wall_s"] == 0.0  # nothing ran
+    from abd_ray.study.report import render_markdown
+
+    assert "1 answered from a finished twin, counted once" in render_markdown(rep)
     # Counted once: the reused trial is in no front, no der row.
     assert reused[0]["trial_id"] not in {p["trial_id"] for front in rep["pareto"].values() for p in front}
     assert reused[0]["trial_id"] not in {d["trial_id"] for d in rep["der"]} and len(rep["der"]) == 2

@@ -223,7 +223,9 @@ def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> 
              f"Status: {rep['status']}. Trials: planned {c['planned']}, in Tune {c['tune_total']} "
              f"({', '.join(f'{k} {v}' for k, v in sorted(c['tune'].items())) or 'none'}); "
              f"Optuna {', '.join(f'{k} {v}' for k, v in sorted(c['optuna_total'].items())) or '-'} "
-             f"(search trials {c['search_trials']}); MLflow child runs "
+             f"(search trials {c['search_trials']}"
+             + (f"; {c['reused']} answered from a finished twin, counted once" if c.get("reused") else "")
+             + "); MLflow child runs "
              f"{', '.join(f'{k} {v}' for k, v in sorted(c['mlflow'].get('children', {}).items())) or '-'}"
              + (f"; {c['mlflow']['tracking_errors']} MLflow writes failed (see tracking_errors.jsonl)"
                 if c["mlflow"].get("tracking_errors") else "") + ".", ""]

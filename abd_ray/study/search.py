@@ -24,7 +24,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from abd_ray.study.folder import StudyFolder
-from abd_ray.study.spec import Param, SearchSpec, StudySpec
+from abd_ray.study.spec import Param, SearchSpec, StudySpec, defense_defaults
 
 METRICS = ["clean_acc", "asr"]
 MODES = ["max", "min"]
@@ -61,21 +61,7 @@ class SearchSpace:
                 values[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
             else:
                 values[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
-        out = dict(self.constants)
-        defense = self.search.switch_defense(values) if self.search is not None else out.get("defense")
-        if defense != out.get("defense"):
-            takes = defense_defaults(defense)
-            out = {k: v for k, v in out.items() if not k.startswith("defense.") or k.split(".", 1)[1] in takes}
-            out["defense"] = defense
-        return out
-
-
-def defense_defaults(name: str) -> dict[str, Any]:
-    """The registered defaults of a defense."""
-    from abd_ray.registry import DEFENSES, load_all
-
-    load_all()
-    return dict(getattr(DEFENSES.get(name), "defaults", {}) or {})
+        return self.search.trial_config(self.constants, values) if self.search is not None else dict(self.constants)
 
 
 def auto_startup_trials(num_samples: int) -> int:
@@ -396,7 +382,9 @@ class StudySearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             # trusted: the searcher's own state in the study folder, beside Ray's pickled experiment state
-            self.__dict__.update(pickle.load(f))  # safe-load: written by this driver, not user input
+            state = pickle.load(f)  # safe-load: written by this driver, not user input
+        # A searcher saved before it kept finished trials answers no twin from them, and runs as before.
+        self.__dict__.update({"reuse_store": None, "finished": {}, "key_of": {}, "reused_of": {}, **state})
 
 
 def close_orphans(study_dir: str, study_names: list[str]) -> int:

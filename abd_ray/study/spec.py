@@ -114,6 +114,16 @@ class SearchSpec:
                 return off
         return self.defense
 
+    def trial_config(self, constants: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        """The constants of a search trial given its searched values (by key): with a switch off, the defense it
+        switches to, without the fixed values that defense does not take (they are moot)."""
+        defense = self.switch_defense(values)
+        if defense == constants.get("defense"):
+            return dict(constants)
+        takes = defense_defaults(defense)
+        out = {k: v for k, v in constants.items() if not k.startswith("defense.") or k.split(".", 1)[1] in takes}
+        return {**out, "defense": defense}
+
     def defenses(self) -> tuple[str, ...]:
         """Every defense a search trial can run (the searched one, and what its switches turn it into)."""
         offs = [SWITCHES[self.defense][p.name][1] for p in self.space if p.name in SWITCHES.get(self.defense, {})]
@@ -151,6 +161,14 @@ class SearchSpec:
 # other defense (with the parameters it owns; the rest are moot and carry ``when: {<name>: on}``).
 SWITCHES: dict[str, dict[str, tuple[str, str]]] = {"abd": {"sr": ("abd", "sv")}}
 SWITCH_NAMES = frozenset(n for sw in SWITCHES.values() for n in sw)
+
+
+def defense_defaults(name: str) -> dict[str, Any]:
+    """The registered defaults of a defense (its hyperparameters)."""
+    from abd_ray.registry import DEFENSES, load_all
+
+    load_all()
+    return dict(getattr(DEFENSES.get(name), "defaults", {}) or {})
 
 
 def _param(search: SearchSpec, name: str) -> Param:

@@ -101,7 +101,7 @@ def make_tuner(spec: StudySpec, state: dict[str, Any], folder: StudyFolder, echo
                        FreeSpaceGuard(folder.local_paths(state["storage"]), str(folder), min_free_mb())],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            progress_reporter=StudyReporter([p.name for p in spec.search.space] if spec.search else []),
+            progress_reporter=StudyReporter([p.key for p in spec.search.space] if spec.search else []),
             verbose=1,
         ),
     )
