@@ -2,11 +2,15 @@
 
 Digits / badnet_grid / zskt, ABD. Every sampler (tpe, nsga2, gp, random) runs as a real study (Ray Tune +
 Optuna + MLflow, :func:`abd_ray.study.runner.launch`) on a generated study file, over the space of the paper's
-sweep: ``coef`` in [0.1, 10] (log), ``inner_round`` in [10, 20], SR on/off (``sr_start`` in {on, 1.0}: at 1.0 the
-second stage never starts). The grid -- coef 0.1/1/10 x inner_round 10/20 x SR on/off, 12 points of which 9 are
-distinct, since inner_round means nothing with SR off -- runs through the same runner, its points handed to the
-study as fixed trials. Hypervolume: reference point (clean_acc 0, asr 100), both in percent, so the largest
+sweep: ``coef`` in [0.1, 10] (log), ``inner_round`` in [10, 20] (``when`` SR is on: it means nothing with SR off),
+SR on/off (``sr_start`` in {on, 1.0}: at 1.0 the second stage never starts). The grid -- coef 0.1/1/10 x
+inner_round 10/20 x SR on/off, 12 points of which 9 are distinct -- runs through the same runner, its points handed
+to the study as fixed trials. Hypervolume: reference point (clean_acc 0, asr 100), both in percent, so the largest
 possible value is 10,000.
+
+Trials are deterministic, so every study of the benchmark shares one record of finished trials keyed by resolved
+config and science code (``bench/results/search_trials.jsonl``, :class:`abd_ray.study.search.ReuseStore`): a
+rerun after a change pays only for the trials whose config or science changed (``--no-reuse`` runs everything).
 """
 
 from __future__ import annotations
@@ -55,8 +59,8 @@ search:
   population_size: 4
   space:
     coef: {{low: 0.1, high: 10.0, log: true}}
-    inner_round: {{low: 10, high: 20}}
     sr_start: {{choices: [{sr_on}, 1.0]}}
+    inner_round: {{low: 10, high: 20, when: {{sr_start: {sr_on}}}}}
 """
 
 
@@ -69,8 +73,10 @@ def grid_points(sr_on: float) -> list[dict[str, Any]]:
     return pts
 
 
-def run_study(path: Path, storage: Path, cache: str, grid: list[dict[str, Any]] | None) -> Path:
-    """Launch one study in this process; with ``grid``, the study's fixed trials are the grid's points."""
+def run_study(path: Path, storage: Path, cache: str, grid: list[dict[str, Any]] | None,
+              store: Path | None = None) -> Path:
+    """Launch one study in this process; with ``grid``, the study's fixed trials are the grid's points; with
+    ``store``, finished trials recorded there answer their twins."""
     from abd_ray.study import runner
     from abd_ray.study.spec import StudySpec
 
@@ -84,7 +90,8 @@ def run_study(path: Path, storage: Path, cache: str, grid: list[dict[str, Any]] 
         StudySpec.planned_trials = lambda self: len(grid)
     try:
         study_dir, finished = runner.launch(path, storage=str(storage), tracking_uri=f"sqlite:///{storage}/mlflow.db",
-                                     cache_dir=cache, echo=lambda m: print(m, flush=True))
+                                     cache_dir=cache, reuse_store=str(store) if store else None,
+                                     echo=lambda m: print(m, flush=True))
     finally:
         StudySpec.grid_configs, StudySpec.planned_trials = orig_grid, orig_planned
     if not finished:
@@ -113,6 +120,7 @@ def search_main(args: argparse.Namespace, argv: list[str]) -> None:
     samplers = ["tpe"] if args.smoke else args.samplers.split(",")
     work = Path(tempfile.mkdtemp(prefix="abd-bench-search-"))
     out_json = R.RESULTS / ("search_smoke.json" if args.smoke else "search.json")
+    store = None if args.no_reuse else R.RESULTS / f"search_trials{'_smoke' if args.smoke else ''}.jsonl"
     keep = out_json.exists() and (args.resume or args.render)
     doc: dict[str, Any] = json.loads(out_json.read_text()) if keep else {}
     if keep and not args.render:
@@ -141,18 +149,20 @@ def search_main(args: argparse.Namespace, argv: list[str]) -> None:
                 txt = f.read_text().replace("num_samples: 0", "num_samples: 1")
                 f.write_text(txt)
             t0, l0 = time.perf_counter(), R.load()
-            study_dir = run_study(f, work / "studies", args.cache, grid if sampler is None else None)
+            study_dir = run_study(f, work / "studies", args.cache, grid if sampler is None else None, store)
             rows = rows_of(study_dir)
             if sampler is None:
                 rows = [r for r in rows if r["kind"] == "grid"]
             doc["runs"][key] = {
                 "label": label, "seed": seed, "wall_s": round(time.perf_counter() - t0, 1), "load": [l0, R.load()],
                 "command": R.cmdline(argv), "date": R.machine()["date"], "commit": R.git_commit(),
-                "trials": [{k: r[k] for k in ("trial_id", "clean_acc", "asr", "params", "wall_s")} for r in rows],
+                "trials": [{k: r[k] for k in ("trial_id", "clean_acc", "asr", "params", "wall_s", "reused_from")}
+                           for r in rows],
+                "reused": sum(bool(r["reused_from"]) for r in rows),
                 "hv": curve(rows),
             }
-            print(json.dumps({"run": key, "hv": doc["runs"][key]["hv"], "wall_s": doc["runs"][key]["wall_s"]}),
-                  flush=True)
+            print(json.dumps({"run": key, "hv": doc["runs"][key]["hv"], "wall_s": doc["runs"][key]["wall_s"],
+                              "reused": doc["runs"][key]["reused"], "trials": len(rows)}), flush=True)
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     shutil.rmtree(work, ignore_errors=True)
@@ -295,5 +305,7 @@ def register(sub) -> dict[str, Any]:
     p.add_argument("--concurrent", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="keep the runs already in search.json")
     p.add_argument("--render", action="store_true", help="run nothing: plot and tabulate the runs in search.json")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="run every trial, even those search_trials.jsonl holds a finished twin of")
     return {"search": search_main}
 

@@ -59,6 +59,10 @@ def _files(tmp: Path) -> None:
     study("shuffle_too_deep", defenses=["none", "sv"], defense_params={"sv": {"n_shuf_layer": 99}})
     study("search_too_deep", mode="search", search={"defense": "abd", "num_samples": 2,
                                                     "space": {"n_shuf_layer": {"choices": ["auto", -7]}}})
+    study("search_sr_unconditional", mode="search", search={"defense": "abd", "num_samples": 2, "space": {
+        "sr": {"choices": ["on", "off"]}, "inner_round": {"low": 3, "high": 10}}})
+    study("search_enqueue_outside", mode="search", search={"defense": "abd", "num_samples": 2, "enqueue": [
+        {"coef": 20.0}], "space": {"coef": {"low": 1.0, "high": 4.0}}})
     (tmp / "latin1.yaml").write_bytes((tmp / "good.yaml").read_bytes() + "description: caf\xe9\n".encode("latin-1"))
     (tmp / "tag.yaml").write_text((tmp / "good.yaml").read_text() + "x: !!python/object/apply:os.system [echo]\n")
     (tmp / "broken.yaml").write_text("name: [unclosed\n")
@@ -121,6 +125,8 @@ CASES = [
     ("study {tmp}/eval_gt_steps.yaml", "the run would never be evaluated"),
     ("study {tmp}/shuffle_too_deep.yaml", "defense.n_shuf_layer=99 does not fit a teacher with 3 convolutions"),
     ("study {tmp}/search_too_deep.yaml", "defense.n_shuf_layer=-7 does not fit a teacher with 3 convolutions"),
+    ("study {tmp}/search_sr_unconditional.yaml", "search.space.inner_round: means nothing with sr off"),
+    ("study {tmp}/search_enqueue_outside.yaml", "search.enqueue[0].coef: 20.0 is outside its range 1..4"),
     ("study {tmp}/good.yaml --address 127.0.0.1:1", "no Ray cluster answers at 127.0.0.1:1 (Connection refused)"),
     ("study {tmp}/good.yaml --address head", "--address 'head' is not host:port"),
     # abd-ray resume / report / status / dashboard

@@ -4,6 +4,8 @@
   the report are written, and a second ``abd-ray study`` on the folder refuses and points to ``resume``;
 - a driver SIGKILLed in the middle of a trial, then ``abd-ray resume``: every trial finishes once, nothing is left
   RUNNING, no step is logged twice;
+- a study whose warm start proposes the twin of a finished trial: answered from it (a trial in Tune, Optuna and
+  MLflow, marked reused, no compute), counted once by the report; the enqueued points are the first trials;
 - two Ray nodes on this machine (``ray.cluster_utils.Cluster``): trials on both, one node removed mid-trial, the
   trial restarts from its checkpoint on the other node and the study completes.
 """
@@ -202,3 +204,42 @@ def test_two_nodes_one_removed_mid_trial(tmp_path, cache):
     assert restarted[-1]["final"] and restarted[-1]["node_id"] != worker.node_id
     assert restarted[-1]["resumed_from"] > 0
     assert a["steps"] and all(s == [4 * i for i in range(1, 13)] for s in a["steps"].values())
+
+
+@pytest.mark.slow
+def test_a_twin_is_answered_from_its_finished_trial_and_the_warm_start_goes_first(tmp_path, cache):
+    """A fixed ABD trial at its defaults, then (one trial at a time) the search's warm start: its first point, ABD
+    at its defaults, is that trial's twin and is answered from it; its second is coef's low end. The reused trial
+    is a trial in Tune, Optuna and MLflow, marked as reused, and the report counts its point once."""
+    import optuna
+
+    from abd_ray.study.folder import StudyFolder
+    from abd_ray.study.runner import launch
+
+    f = write_study(tmp_path, defenses=["none", "abd"], max_concurrent=1)
+    study_dir, finished = launch(f, storage=str(tmp_path / "runs"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                                 cache_dir=cache)
+    assert finished
+    a = check_agreement(study_dir, planned=4, search=2)
+    rep = a["report"]
+    (fixed,) = [r for r in rep["trials"] if r["kind"] == "grid" and r["defense"] == "abd"]
+    reused = [r for r in rep["trials"] if r["reused_from"]]
+    assert [r["reused_from"] for r in reused] == [f"tiny/{fixed['trial_id']}"] and rep["counts"]["reused"] == 1
+    assert (reused[0]["clean_acc"], reused[0]["asr"]) == (fixed["clean_acc"], fixed["asr"])
+    assert reused[0]["wall_s"] == 0.0  # nothing ran
+    from abd_ray.study.report import render_markdown
+
+    assert "1 answered from a finished twin, counted once" in render_markdown(rep)
+    # Counted once: the reused trial is in no front, no der row.
+    assert reused[0]["trial_id"] not in {p["trial_id"] for front in rep["pareto"].values() for p in front}
+    assert reused[0]["trial_id"] not in {d["trial_id"] for d in rep["der"]} and len(rep["der"]) == 2
+    run = next(r for r in a["runs"] if r["trial_id"] == reused[0]["trial_id"])
+    tags = a["tracker"].client.get_run(run["run_id"]).data.tags
+    assert tags["abd_ray.reused_from"] == f"tiny/{fixed['trial_id']}"
+    study = optuna.load_study(study_name="tiny:badnet_grid/zskt", storage=StudyFolder(study_dir).optuna_url)
+    trials = sorted(study.trials, key=lambda t: t.number)
+    # The enqueued points are the first trials: the defaults, then coef's low end.
+    assert [(t.params["defense.coef"], t.params["defense.hg_out_portion"]) for t in trials] == [(4.0, 0.02),
+                                                                                                (0.1, 0.02)]
+    assert trials[0].user_attrs["reused_from"] == f"tiny/{fixed['trial_id']}"
+    assert trials[0].values == [fixed["clean_acc"], fixed["asr"]] and "reused_from" not in trials[1].user_attrs

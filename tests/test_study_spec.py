@@ -313,3 +313,123 @@ def test_the_digits_ablation_study_runs_what_the_ablation_benchmark_records():
             argv = spread.command(attack, defense, 2, str(ROOT / ".abd_ray" / "cache"), None)[3:]
             bench = config_from_args(build_parser().parse_args(argv)).resolved()
             assert trial.to_flat() == {**bench.to_flat(), "cache_dir": trial.cache_dir}, (attack, defense)
+
+
+# --- conditional spaces, the warm start, deterministic twins ---------------------------------------------------
+
+SR_SPACE = {"coef": {"low": 0.5, "high": 8.0, "log": True}, "sr": {"choices": [True, False]},
+            "inner_round": {"low": 3, "high": 10, "when": {"sr": True}},
+            "pert_lr": {"low": 0.01, "high": 0.3, "log": True, "when": {"sr": "on"}}}
+
+
+def test_a_switch_suggests_its_conditional_parameters_only_when_on():
+    optuna = pytest.importorskip("optuna")
+    from abd_ray.study.search import SearchSpace, default_point, make_sampler
+
+    spec = StudySpec.from_dict(_with("search.space", SR_SPACE))
+    by_name = {p.name: p for p in spec.search.space}
+    assert by_name["inner_round"].when == (("study.sr", (True,)),) and by_name["sr"].key == "study.sr"
+    assert spec.search.defenses() == ("abd", "sv") and make_sampler(spec.search)._group
+    const = {"defense": "abd", "defense.K": 3, "defense.n_shuf_ens": 2}  # K is SR's: moot with SR off
+    space = SearchSpace(spec.search.space, const, spec.search)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.enqueue_trial({"study.sr": False})
+    off = study.ask()
+    assert space(off) == {"defense": "sv", "defense.n_shuf_ens": 2}
+    assert set(off.params) == {"defense.coef", "study.sr"}
+    study.enqueue_trial({"study.sr": True})
+    on = study.ask()
+    assert space(on) == const and set(on.params) == {"defense.coef", "study.sr", "defense.inner_round",
+                                                     "defense.pert_lr"}
+    assert default_point(spec.search)["study.sr"] is True
+    assert make_sampler(spec.search)._constant_liar  # parallel workers do not get the same proposal
+
+
+@pytest.mark.parametrize("space,needle", [
+    ({**SR_SPACE, "inner_round": {"low": 3, "high": 10}},
+     "search.space.inner_round: means nothing with sr off (defense sv has no inner_round); add when: {sr: on}"),
+    ({**SR_SPACE, "pert_lr": {"low": 0.01, "high": 0.3, "when": {"sr": "maybe"}}},
+     "search.space.pert_lr.when.sr: 'maybe' is not among sr's choices; allowed: on, off"),
+    ({**SR_SPACE, "pert_lr": {"low": 0.01, "high": 0.3, "when": {"srr": True}}},
+     "search.space.pert_lr.when.srr: must name a {choices: [...]} parameter of search.space (did you mean 'sr'?)"),
+    ({**SR_SPACE, "pert_lr": {"low": 0.01, "high": 0.3, "when": {"inner_round": 3}}},
+     "search.space.pert_lr.when.inner_round: must name a {choices: [...]} parameter"),
+    ({**SR_SPACE, "pert_lr": {"low": 0.01, "high": 0.3, "when": "sr"}},
+     "search.space.pert_lr.when: must be a mapping {parameter: value}"),
+    ({**SR_SPACE, "sr": {"low": 0, "high": 1}}, "search.space.sr: is a switch: write {choices: [on, off]}"),
+])
+def test_bad_conditions_are_refused_with_the_fix(space, needle):
+    with pytest.raises(StudySpecError) as e:
+        StudySpec.from_dict(_with("search.space", space))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_switch_belongs_to_its_defense_and_a_condition_may_name_any_choice():
+    with pytest.raises(StudySpecError, match=r"search.space.sr: unknown key"):
+        StudySpec.from_dict(_with("search.defense", "sv", _with("search.space", {"sr": {"choices": [True]},
+                                                                                    "coef": {"low": 1, "high": 2}})))
+    spec = StudySpec.from_dict(_with("search.space", {
+        "pert_model": {"choices": ["student", "teacher"]},
+        "hg_out_portion": {"low": 0.01, "high": 0.1, "when": {"pert_model": ["teacher"]}}}))
+    assert spec.search.space[1].when == (("defense.pert_model", ("teacher",)),)
+
+
+def test_the_warm_start_enqueues_defaults_and_the_ends_of_coef_or_the_study_s_points():
+    from abd_ray.study.search import default_point
+
+    spec = StudySpec.from_dict(_with("search.num_samples", 6, _with("search.space", SR_SPACE)))
+    d = default_point(spec.search)
+    assert d == {"defense.coef": 4.0, "study.sr": True, "defense.inner_round": 10, "defense.pert_lr": 0.1}
+    pts = spec.search.warm_start(d)
+    assert [p["defense.coef"] for p in pts] == [4.0, 0.5, 8.0] and all(p["study.sr"] for p in pts)
+    spec = StudySpec.from_dict(_with("search.enqueue", [{"coef": 1, "sr": "off"}, {"inner_round": 5.0}, {"coef": 4.0}],
+                                     _with("search.space", SR_SPACE)))
+    pts = spec.search.warm_start(default_point(spec.search))
+    # the defaults first; a point completed by the defaults, without what its own switch makes moot; no repeat
+    assert pts == [d, {"defense.coef": 1, "study.sr": False}, {**d, "defense.inner_round": 5}]
+    no_defaults = _with("search.include_defaults", False, _with("search.enqueue", [{"coef": 1.0}],
+                                                                _with("search.space", SR_SPACE)))
+    spec = StudySpec.from_dict(no_defaults)
+    assert spec.search.warm_start(default_point(spec.search)) == [{**d, "defense.coef": 1.0}]
+    assert StudySpec.from_dict(_with("search.include_defaults", False, BASE)).search.warm_start({}) == []
+
+
+@pytest.mark.parametrize("enqueue,needle", [
+    ({"coef": 1.0}, "search.enqueue: must be a list of points"),
+    ([{"cof": 1.0}], "search.enqueue[0].cof: unknown key (did you mean 'coef'?)"),
+    ([{"coef": 9.0}], "search.enqueue[0].coef: 9.0 is outside its range 0.5..8; give a value inside it"),
+    ([{"inner_round": 3.5}], "search.enqueue[0].inner_round: 3.5 is outside its range 3..10 (integers)"),
+    ([{}], "search.enqueue[0]: is empty"),
+    ([{"sr": "off", "inner_round": 4}], "search.enqueue[0].inner_round: is moot at this point"),
+    ([{"sr": "maybe"}], "search.enqueue[0].sr: 'maybe' is not among its choices; allowed: on, off"),
+])
+def test_bad_enqueued_points_are_refused(enqueue, needle):
+    with pytest.raises(StudySpecError) as e:
+        StudySpec.from_dict(_with("search.enqueue", enqueue, _with("search.space", SR_SPACE)))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_twins_share_a_key_and_a_finished_one_answers_the_other(tmp_path):
+    pytest.importorskip("optuna")
+    from abd_ray.study.search import REUSED_FROM, REUSED_RESULT, StudySearcher, trial_key
+
+    spec = StudySpec.from_dict(BASE)
+    (cfg,) = spec.grid_configs()
+    abd = {**cfg, "defense": "abd", "defense.coef": 4}
+    # the defaults filled in, 4 == 4.0, the study's bookkeeping ignored; another seed is another trial
+    assert trial_key(abd) == trial_key({**cfg, "defense": "abd", "defense.coef": 4.0, "study.kind": "search"})
+    assert trial_key(abd) == trial_key({**cfg, "defense": "abd"})
+    assert trial_key(abd) != trial_key({**abd, "seed": 1}) and trial_key(abd) != trial_key({**abd, "defense.coef": 2})
+    store = str(tmp_path / "store.jsonl")
+    one = StudySearcher([abd, dict(abd), {**abd, "seed": 1}], {}, 0, "s1", None, reuse_store=store)
+    a, b = one.suggest("a"), one.suggest("b")
+    assert REUSED_FROM not in a and REUSED_FROM not in b  # twins running together both run: none had finished
+    one.on_trial_complete("a", {"clean_acc": 90.0, "asr": 5.0, "final": 1, "step": 10, "training_iteration": 3})
+    c = one.suggest("c")
+    assert REUSED_FROM not in c  # another seed
+    two = StudySearcher([dict(abd), {**abd, "seed": 1}], {}, 0, "s2", None, reuse_store=store)
+    d, e = two.suggest("d"), two.suggest("e")
+    assert d[REUSED_FROM] == "s1/a" and REUSED_FROM not in e
+    assert yaml.safe_load(d[REUSED_RESULT]) == {"clean_acc": 90.0, "asr": 5.0, "final": 1, "step": 10}
+    two.on_trial_complete("d", {"clean_acc": 90.0, "asr": 5.0, "final": 1, "step": 10})
+    assert len((tmp_path / "store.jsonl").read_text().splitlines()) == 1  # a reused trial adds no record

@@ -210,6 +210,10 @@ class StudyReporter(CLIReporter):
     A table is printed soon after a trial starts or ends, else every ``max_report_frequency`` seconds (Tune's own
     reporter prints on a timer only). Tune's lines about its scheduler and its driver-side log folder are left out:
     the study's results are in the study folder.
+
+    Args:
+        params: the searched parameters' config keys (``defense.coef``; a switch's ``study.sr``).
+        max_report_frequency: seconds between tables while nothing starts or ends.
     """
 
     SETTLE_S = 2.0  # trials that start or end together get one table, not one each
@@ -217,7 +221,7 @@ class StudyReporter(CLIReporter):
     def __init__(self, params: list[str], max_report_frequency: int = 30) -> None:
         super().__init__(
             metric_columns={"clean_acc": "clean_acc", "asr": "asr", "step": "step"},
-            parameter_columns={"study.cell": "cell", "defense": "defense", **{f"defense.{p}": p for p in params}},
+            parameter_columns={"study.cell": "cell", "defense": "defense", **{k: k.split(".", 1)[1] for k in params}},
             max_report_frequency=max_report_frequency,
             max_column_length=24,
         )

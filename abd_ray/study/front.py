@@ -63,13 +63,15 @@ def by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def recommend(rows: list[dict[str, Any]], undefended_acc: float, max_acc_drop: float,
-              defense: str | None = None) -> dict[str, Any] | None:
+              defense: str | tuple[str, ...] | None = None) -> dict[str, Any] | None:
     """The defended run (or configuration, for rows of :func:`by_config`) with the lowest asr whose clean_acc is
     within ``max_acc_drop`` of the undefended one.
 
-    Ties go to the higher clean_acc. ``defense`` restricts the candidates to one defense.
+    Ties go to the higher clean_acc. ``defense`` restricts the candidates to one defense (or to several: those a
+    search with a switch runs).
     """
-    cands = [r for r in rows if r["defense"] != "none" and (defense is None or r["defense"] == defense)
+    allowed = (defense,) if isinstance(defense, str) else defense
+    cands = [r for r in rows if r["defense"] != "none" and (allowed is None or r["defense"] in allowed)
              and finite(r.get("clean_acc")) and finite(r.get("asr"))
              and (not finite(undefended_acc) or r["clean_acc"] >= undefended_acc - max_acc_drop)]
     if not cands:

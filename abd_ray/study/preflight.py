@@ -53,7 +53,7 @@ def check_trials(spec: StudySpec) -> None:
         flats.append(base)
         for p in spec.search.space:
             ends = p.choices if p.choices is not None else (p.low, p.high)
-            flats += [{**base, f"defense.{p.name}": int(v) if p.is_int else v} for v in ends]
+            flats += [{**spec.search.trial_config(base, {p.key: v}), p.key: int(v) if p.is_int else v} for v in ends]
     for flat in flats:
         try:
             check_config(RunConfig.from_flat(split_config(flat)[0]))

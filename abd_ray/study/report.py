@@ -51,6 +51,7 @@ def trial_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "wall_s": m("wall_s"),
             "step": r.get("step"),
             "error": tr.get("error"),
+            "reused_from": c.get("study.reused_from"),
         })
     return sorted(rows, key=lambda x: (x["cell"], x["kind"] != "grid", x["defense"] != "none", str(x["defense"]),
                                        x["seed"] or 0, x["trial_id"]))
@@ -79,7 +80,9 @@ def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, 
     spec = folder.spec(state)
     trials = study_trials(state)
     rows = trial_rows(trials)
-    done = [r for r in rows if finite(r["clean_acc"])]
+    # A trial answered from a finished twin of this study repeats that twin's point: counted once, as the twin.
+    own = {f"{state['name']}/{r['trial_id']}" for r in rows}
+    done = [r for r in rows if finite(r["clean_acc"]) and r["reused_from"] not in own]
     cells = sorted({r["cell"] for r in rows})
 
     # der of each defended run against its undefended twin (same cell and seed; else the cell's mean).
@@ -96,7 +99,7 @@ def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, 
 
     fronts, recs = {}, {}
     # A search study recommends a configuration of the defense it searches; a grid study, any defended run.
-    search_def = spec.search.defense if spec.search else None
+    search_def = spec.search.defenses() if spec.search else None
     for cell in cells:
         pts = [r for r in done if r["cell"] == cell]
         fronts[cell] = [_brief(r) for r in pareto_front(pts)]
@@ -194,10 +197,11 @@ def _counts(state: dict[str, Any], folder: StudyFolder, rows: list[dict[str, Any
     except Exception as e:  # noqa: BLE001 - a report must still come out when the tracking server is away
         ml = {"error": f"{type(e).__name__}: {e}"}
     n_search = sum(r["kind"] == "search" for r in rows)
+    n_reused = sum(bool(r.get("reused_from")) for r in rows)
     errs = folder.tracking_errors
     ml["tracking_errors"] = len(errs.read_text().splitlines()) if errs.exists() else 0
     return {"planned": state.get("planned_trials"), "tune": tune_counts, "tune_total": len(rows),
-            "search_trials": n_search, "optuna": opt, "optuna_total": optuna_total, "mlflow": ml}
+            "search_trials": n_search, "reused": n_reused, "optuna": opt, "optuna_total": optuna_total, "mlflow": ml}
 
 
 # --- writing --------------------------------------------------------------------------------------------------------
@@ -219,7 +223,9 @@ def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> 
              f"Status: {rep['status']}. Trials: planned {c['planned']}, in Tune {c['tune_total']} "
              f"({', '.join(f'{k} {v}' for k, v in sorted(c['tune'].items())) or 'none'}); "
              f"Optuna {', '.join(f'{k} {v}' for k, v in sorted(c['optuna_total'].items())) or '-'} "
-             f"(search trials {c['search_trials']}); MLflow child runs "
+             f"(search trials {c['search_trials']}"
+             + (f"; {c['reused']} answered from a finished twin, counted once" if c.get("reused") else "")
+             + "); MLflow child runs "
              f"{', '.join(f'{k} {v}' for k, v in sorted(c['mlflow'].get('children', {}).items())) or '-'}"
              + (f"; {c['mlflow']['tracking_errors']} MLflow writes failed (see tracking_errors.jsonl)"
                 if c["mlflow"].get("tracking_errors") else "") + ".", ""]

@@ -48,9 +48,15 @@ def launch(
     address: str | None = None,
     smoke: bool = False,
     cache_dir: str | None = None,
+    reuse_store: str | None = None,
     echo: Echo = _echo,
 ) -> tuple[Path, bool]:
     """Validate a study file, create its study folder, and run the study.
+
+    Args:
+        reuse_store: a file of finished trials by resolved config, shared with other studies: a trial equal to one
+            of them is answered from it (see :class:`~abd_ray.study.search.ReuseStore`); the study's own finished
+            trials answer their twins either way.
 
     Returns:
         The study folder and whether every trial ended (False: interrupted, resume it).
@@ -107,6 +113,7 @@ def launch(
                 "cache_dir": cache if is_uri(cache) else str(Path(cache).expanduser().resolve()),
                 "data_root": str(Path(data_root).expanduser().resolve()) if data_root else None,
                 "planned_trials": spec.planned_trials(),
+                "reuse_store": str(Path(reuse_store).expanduser().resolve()) if reuse_store else None,
                 "attempts": 0,
             }
             folder.write_state(state)

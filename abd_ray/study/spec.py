@@ -47,8 +47,25 @@ class Param:
     step: float | None = None
     is_int: bool = False
     choices: tuple[Any, ...] | None = None
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # suggested only if each named parameter takes one of these
+
+    @property
+    def key(self) -> str:
+        """The name of the parameter in a trial's flat config (and in Optuna): ``defense.<name>``, or
+        ``study.<name>`` for a switch (:data:`SWITCHES`), which the plan reads and the run config never sees."""
+        return f"study.{self.name}" if self.name in SWITCH_NAMES else f"defense.{self.name}"
+
+    def active(self, values: dict[str, Any]) -> bool:
+        """Whether the parameter means anything given the values (by :attr:`key`) of those its ``when`` names."""
+        return all(values.get(key) in allowed for key, allowed in self.when)
 
     def to_dict(self) -> dict[str, Any]:
+        d = self._range_dict()
+        if self.when:
+            d["when"] = {k.split(".", 1)[1]: list(v) if len(v) > 1 else v[0] for k, v in self.when}
+        return d
+
+    def _range_dict(self) -> dict[str, Any]:
         if self.choices is not None:
             return {"choices": list(self.choices)}
         d: dict[str, Any] = {"low": self.low, "high": self.high, "type": "int" if self.is_int else "float"}
@@ -74,6 +91,8 @@ class SearchSpec:
             (Optuna's default of 10 would make a study of 8 trials a random search).
         space: searched hyperparameters; fixed values are plain constants.
         fixed: hyperparameters held constant in every search trial.
+        enqueue: points (``{name: value}`` over ``space``) evaluated first, in order, before the sampler proposes;
+            ``None``: the default warm start (:meth:`warm_start`).
     """
 
     defense: str = "abd"
@@ -85,6 +104,75 @@ class SearchSpec:
     startup_trials: int | None = None
     space: tuple[Param, ...] = ()
     fixed: dict[str, Any] = field(default_factory=dict)
+    enqueue: tuple[dict[str, Any], ...] | None = None
+
+    def switch_defense(self, values: dict[str, Any]) -> str:
+        """The defense a search trial runs, given its values by key: the searched one unless a switch
+        (:data:`SWITCHES`) turns a part of it off."""
+        for name, (_on, off) in SWITCHES.get(self.defense, {}).items():
+            if values.get(f"study.{name}") is False:
+                return off
+        return self.defense
+
+    def trial_config(self, constants: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        """The constants of a search trial given its searched values (by key): with a switch off, the defense it
+        switches to, without the fixed values that defense does not take (they are moot)."""
+        defense = self.switch_defense(values)
+        if defense == constants.get("defense"):
+            return dict(constants)
+        takes = defense_defaults(defense)
+        out = {k: v for k, v in constants.items() if not k.startswith("defense.") or k.split(".", 1)[1] in takes}
+        return {**out, "defense": defense}
+
+    def defenses(self) -> tuple[str, ...]:
+        """Every defense a search trial can run (the searched one, and what its switches turn it into)."""
+        offs = [SWITCHES[self.defense][p.name][1] for p in self.space if p.name in SWITCHES.get(self.defense, {})]
+        return (self.defense, *offs)
+
+    def warm_start(self, defaults: dict[str, Any]) -> list[dict[str, Any]]:
+        """The points enqueued before the sampler, by key, each completed by the defaults and without its moot
+        parameters; duplicates dropped.
+
+        With ``include_defaults`` the defaults come first. Then the study's ``enqueue`` points; without any, the
+        default warm start: the defaults with ``coef`` at the low and at the high end of its range, the two ends of
+        a vaccine-strength sweep (the grid of ``bench/run.py search`` spans coef 0.1 / 1 / 10), so that the sampler's model starts from
+        the whole scale rather than from the defaults alone.
+
+        Args:
+            defaults: the searched parameters' default values by key (where a default lies in the space).
+        """
+        points: list[dict[str, Any]] = [{}] if self.include_defaults else []
+        if self.enqueue is not None:
+            points += [{_param(self, k).key: v for k, v in pt.items()} for pt in self.enqueue]
+        elif self.include_defaults:
+            coef = next((p for p in self.space if p.name == "coef" and p.choices is None and not p.when), None)
+            if coef is not None:
+                points += [{coef.key: coef.low}, {coef.key: coef.high}]
+        out: list[dict[str, Any]] = []
+        for pt in points:
+            full = {**defaults, **pt}
+            full = {p.key: full[p.key] for p in self.space if p.key in full and p.active(full)}
+            if full and full not in out:
+                out.append(full)
+        return out
+
+
+# Switches of a searched defense: a ``search.space`` entry ``<name>: {choices: [on, off]}`` whose ``off`` runs the
+# other defense (with the parameters it owns; the rest are moot and carry ``when: {<name>: on}``).
+SWITCHES: dict[str, dict[str, tuple[str, str]]] = {"abd": {"sr": ("abd", "sv")}}
+SWITCH_NAMES = frozenset(n for sw in SWITCHES.values() for n in sw)
+
+
+def defense_defaults(name: str) -> dict[str, Any]:
+    """The registered defaults of a defense (its hyperparameters)."""
+    from abd_ray.registry import DEFENSES, load_all
+
+    load_all()
+    return dict(getattr(DEFENSES.get(name), "defaults", {}) or {})
+
+
+def _param(search: SearchSpec, name: str) -> Param:
+    return next(p for p in search.space if p.name == name)
 
 
 @dataclass(frozen=True)
@@ -249,6 +337,8 @@ class StudySpec:
         d.pop("source")
         if self.search is not None:
             d["search"]["space"] = {p.name: p.to_dict() for p in self.search.space}
+            if self.search.enqueue is not None:
+                d["search"]["enqueue"] = [dict(pt) for pt in self.search.enqueue]
         return d
 
 

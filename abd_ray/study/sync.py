@@ -56,8 +56,11 @@ def ensure_child(t, exp_id: str, parent: str, trial_id: str, config: dict[str, A
     if rid is not None:
         return rid, False
     _, meta = split_config(config)
-    rid = t.start_child(exp_id, parent, trial_id, trial_label(config, trial_id), dict(config),
-                        {"abd_ray.kind": meta.get("study.kind", ""), "abd_ray.cell": meta.get("study.cell", "")})
+    tags = {"abd_ray.kind": meta.get("study.kind", ""), "abd_ray.cell": meta.get("study.cell", "")}
+    if meta.get("study.reused_from"):
+        tags["abd_ray.reused_from"] = meta["study.reused_from"]  # the source's result is logged as this run's
+    params = {k: v for k, v in config.items() if k != "study.reused_result"}
+    rid = t.start_child(exp_id, parent, trial_id, trial_label(config, trial_id), params, tags)
     if study_file is not None:
         t.log_artifact(rid, study_file)
     return rid, True

@@ -11,6 +11,8 @@ function fails the trial in recent Ray releases.
 
 Guards and fault injection (study layer only; the engine knows nothing of them):
 
+- a trial the searcher marked as reused (``study.reused_result``, a finished twin's final record) reports that
+  record as its own and runs nothing;
 - a trial whose losses become non-finite is failed with a :class:`FloatingPointError` naming the loss and the step,
   before that evaluation is checkpointed (so a retry resumes from the last sound state);
 - a damaged checkpoint (truncated ``state.pt``) is not fatal: the trial falls back to the newest older checkpoint of
@@ -175,6 +177,13 @@ def train_trial(config: dict[str, Any]) -> None:
 
     quiet_ray_logs()
     run_flat, meta = split_config(config)
+    if meta.get("study.reused_result"):
+        # A deterministic twin of a finished trial (the searcher found it): its result, with no compute.
+        record = json.loads(meta["study.reused_result"])
+        if "wall_s" in record:
+            record["wall_s"] = 0.0
+        tune.report({**record, "reused": 1, "node_id": _node_id()})
+        return
     cfg = RunConfig.from_flat(run_flat).resolved()  # the dataset's defaults filled in, once
     raise_at = meta.get("fault.raise_at_step")
     nan_at = meta.get("fault.nan_at_step")

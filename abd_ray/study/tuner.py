@@ -80,7 +80,7 @@ def make_tuner(spec: StudySpec, state: dict[str, Any], folder: StudyFolder, echo
     delete_studies(str(folder), optuna_names(spec))
     searchers = cell_searchers(spec, str(folder), cells) if cells else {}
     searcher = StudySearcher(fixed, searchers, spec.search.num_samples if spec.search else 0, spec.name,
-                             str(folder))
+                             str(folder), reuse_store=state.get("reuse_store"))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -101,7 +101,7 @@ def make_tuner(spec: StudySpec, state: dict[str, Any], folder: StudyFolder, echo
                        FreeSpaceGuard(folder.local_paths(state["storage"]), str(folder), min_free_mb())],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            progress_reporter=StudyReporter([p.name for p in spec.search.space] if spec.search else []),
+            progress_reporter=StudyReporter([p.key for p in spec.search.space] if spec.search else []),
             verbose=1,
         ),
     )

@@ -19,6 +19,8 @@ from abd_ray.study.spec import (
     FAULT_MATCH,
     SMOKE_DEFAULTS,
     STUDY_NAME_RE,
+    SWITCH_NAMES,
+    SWITCHES,
     Param,
     SearchSpec,
     StudySpec,
@@ -64,11 +66,26 @@ _STUDENT_KEYS = ("arch",)
 _BUDGET_KEYS = ("steps", "eval_every", "batch_size")
 _RESOURCE_KEYS = ("cpu", "gpu")
 _SEARCH_KEYS = (
-    "defense", "sampler", "num_samples", "seed", "include_defaults", "population_size", "startup_trials", "space"
+    "defense", "sampler", "num_samples", "seed", "include_defaults", "population_size", "startup_trials", "space",
+    "enqueue",
 )
 _SMOKE_KEYS = tuple(SMOKE_DEFAULTS)
 _EXCLUDE_KEYS = ("attack", "synthesizer", "defense")
 _RANGE_KEYS = ("low", "high", "log", "step", "type")
+
+
+def _on_off(v: Any) -> bool | None:
+    """A switch value: YAML's on / off (true / false), or the strings "on" / "off"; None for anything else."""
+    if isinstance(v, bool):
+        return v
+    return {"on": True, "off": False}.get(v) if isinstance(v, str) else None
+
+
+def _show(p: Param) -> str:
+    """A parameter's choices as a study file writes them (a switch's as on / off)."""
+    if p.name in SWITCH_NAMES:
+        return ", ".join("on" if c else "off" for c in p.choices)
+    return ", ".join(repr(c) for c in p.choices)
 
 
 def _hint(key: str, allowed: list[str] | tuple[str, ...]) -> str:
@@ -380,13 +397,16 @@ class Validator:
         if startup is not None:
             startup = self.integer(startup, "search.startup_trials", 1)
         defaults = self._defense_defaults(defense)
+        switches = SWITCHES.get(defense, {})
         allowed = sorted(defaults)
-        space_raw = self.mapping(sec.get("space"), "search.space", tuple(allowed))
+        space_raw = self.mapping(sec.get("space"), "search.space", (*allowed, *switches))
         params, fixed = [], {}
         for k, v in space_raw.items():
             key = f"search.space.{k}"
-            if isinstance(v, dict):
-                params.append(self.param(k, v, key))
+            if k in switches:
+                params.append(self.switch(k, v, key))
+            elif isinstance(v, dict):
+                params.append(self.param(k, {x: y for x, y in v.items() if x != "when"}, key))
             elif isinstance(v, list):
                 raise self.fail(key, f"a bare list is ambiguous; write {{choices: {v}}}")
             else:
@@ -406,9 +426,103 @@ class Validator:
                 if p.choices is None and numeric and not p.low <= d <= p.high:
                     raise self.fail(f"search.space.{p.name}", f"range {p.low:g}..{p.high:g} excludes the default "
                                     f"{d!r}; widen it, or set search.include_defaults: false")
+        params = self.conditions(params, space_raw, defense)
+        enqueue = self.enqueue(sec["enqueue"], params) if "enqueue" in sec else None
         return SearchSpec(defense=defense, sampler=sampler, num_samples=num_samples, seed=seed,
                           include_defaults=include, population_size=pop, startup_trials=startup,
-                          space=tuple(params), fixed=fixed)
+                          space=tuple(params), fixed=fixed, enqueue=enqueue)
+
+    # --- conditional search spaces and the warm start ----------------------------------------------------------------
+
+    def switch(self, name: str, raw: Any, key: str) -> Param:
+        """A switch of the searched defense (:data:`~abd_ray.study.spec.SWITCHES`): ``{choices: [on, off]}``,
+        kept as true / false."""
+        choices = raw.get("choices") if isinstance(raw, dict) and set(raw) == {"choices"} else None
+        if not isinstance(choices, list) or not choices or any(_on_off(c) is None for c in choices):
+            raise self.fail(key, f"is a switch: write {{choices: [on, off]}} (or just [on] / [off]), got {raw!r}")
+        values = tuple(dict.fromkeys(_on_off(c) for c in choices))
+        return Param(name, choices=values)
+
+    def conditions(self, params: list[Param], space_raw: dict[str, Any], defense: str) -> list[Param]:
+        """The ``when: {name: value | [values]}`` of each searched parameter: it names an unconditional choice
+        parameter of the space and values among its choices; the parameters a switch's ``off`` defense does not
+        take must be conditional on that switch being on."""
+        by_name = {p.name: p for p in params}
+        out = []
+        for p in params:
+            raw = space_raw[p.name]
+            when_raw = raw.get("when") if isinstance(raw, dict) else None
+            key = f"search.space.{p.name}.when"
+            if when_raw is None:
+                out.append(p)
+                continue
+            if not isinstance(when_raw, dict) or not when_raw:
+                raise self.fail(key, f"must be a mapping {{parameter: value}}, e.g. when: {{sr: on}}; got {when_raw!r}")
+            when = []
+            for ref, want in when_raw.items():
+                parent = by_name.get(ref)
+                choice_names = sorted(n for n, q in by_name.items() if q.choices is not None and n != p.name)
+                if parent is None or parent.choices is None or parent is p:
+                    raise self.fail(f"{key}.{ref}", "must name a {choices: [...]} parameter of search.space"
+                                    f"{_hint(str(ref), choice_names)}; allowed: {', '.join(choice_names) or '(none)'}")
+                if isinstance(space_raw[ref], dict) and "when" in space_raw[ref]:
+                    raise self.fail(f"{key}.{ref}", f"{ref!r} is itself conditional; a condition must name an "
+                                    "unconditional parameter")
+                wants = want if isinstance(want, list) else [want]
+                if ref in SWITCHES.get(defense, {}):
+                    wants = [_on_off(w) for w in wants]
+                bad = [w for w in wants if w not in parent.choices]
+                if bad or not wants:
+                    raise self.fail(f"{key}.{ref}", f"{want!r} is not among {ref}'s choices; allowed: "
+                                    f"{_show(parent)}")
+                when.append((parent.key, tuple(wants)))
+            out.append(replace(p, when=tuple(when)))
+        for name, (_, off) in SWITCHES.get(defense, {}).items():
+            sw = by_name.get(name)
+            if sw is None or False not in sw.choices:
+                continue
+            takes = self._defense_defaults(off)
+            for p in out:
+                if p.name != name and p.name not in takes and not any(k == sw.key and v == (True,) for k, v in p.when):
+                    raise self.fail(f"search.space.{p.name}", f"means nothing with {name} off (defense {off} has no "
+                                    f"{p.name}); add when: {{{name}: on}}")
+        return out
+
+    def enqueue(self, raw: Any, params: list[Param]) -> tuple[dict[str, Any], ...]:
+        """The ``search.enqueue`` points: mappings over the searched parameters, each value inside its range or
+        among its choices, no parameter that the point's own values make moot."""
+        if not isinstance(raw, list):
+            raise self.fail("search.enqueue", "must be a list of points, e.g. [{coef: 1.0}, {coef: 4.0}]")
+        by_name = {p.name: p for p in params}
+        out = []
+        for i, pt in enumerate(raw):
+            key = f"search.enqueue[{i}]"
+            pt = self.mapping(pt, key, tuple(by_name))
+            if not pt:
+                raise self.fail(key, f"is empty; give values of: {', '.join(by_name)}")
+            for name, v in pt.items():
+                p = by_name[name]
+                if p.choices is not None:
+                    given = _on_off(v) if p.name in SWITCH_NAMES else v
+                    if given is None or given not in p.choices:
+                        raise self.fail(f"{key}.{name}", f"{v!r} is not among its choices; allowed: {_show(p)}")
+                    pt[name] = given
+                else:
+                    v = self.number(v, f"{key}.{name}")
+                    pt[name] = int(v) if p.is_int and v == int(v) else v
+                    if not p.low <= v <= p.high or (p.is_int and v != int(v)):
+                        raise self.fail(f"{key}.{name}", f"{pt[name]!r} is outside its range {p.low:g}..{p.high:g}"
+                                        f"{' (integers)' if p.is_int else ''}; give a value inside it")
+            by_key = {by_name[n].key: v for n, v in pt.items()}
+            for name in pt:
+                p = by_name[name]
+                given = [k for k, _ in p.when if k in by_key]
+                if given and not p.active(by_key):
+                    names = ", ".join(k.split(".", 1)[1] for k in given)
+                    raise self.fail(f"{key}.{name}", f"is moot at this point (its when excludes it at this {names}); "
+                                    "remove it")
+            out.append(pt)
+        return tuple(out)
 
     def param(self, name: str, raw: dict, key: str) -> Param:
         if "choices" in raw:
