@@ -135,8 +135,8 @@ class SearchSpec:
 
         With ``include_defaults`` the defaults come first. Then the study's ``enqueue`` points; without any, the
         default warm start: the defaults with ``coef`` at the low and at the high end of its range, the two ends of
-        a vaccine-strength sweep (the grid of ``bench/run.py search`` spans coef 0.1 / 1 / 10), so that the sampler's model starts from
-        the whole scale rather than from the defaults alone.
+        a vaccine-strength sweep (the grid of ``bench/run.py search`` spans coef 0.1 / 1 / 10), so that the
+        sampler's model starts from the whole scale rather than from the defaults alone.
 
         Args:
             defaults: the searched parameters' default values by key (where a default lies in the space).
