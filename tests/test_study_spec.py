@@ -433,3 +433,27 @@ def test_twins_share_a_key_and_a_finished_one_answers_the_other(tmp_path):
     assert yaml.safe_load(d[REUSED_RESULT]) == {"clean_acc": 90.0, "asr": 5.0, "final": 1, "step": 10}
     two.on_trial_complete("d", {"clean_acc": 90.0, "asr": 5.0, "final": 1, "step": 10})
     assert len((tmp_path / "store.jsonl").read_text().splitlines()) == 1  # a reused trial adds no record
+
+
+def test_the_report_shows_what_the_defense_saw():
+    """A defended trial's probe metrics (SV's detection, SR's perturbation against the trigger) reach the report's
+    diagnostics section; an undefended trial, which reports none, gets no row."""
+    from abd_ray.study.report import trial_rows
+
+    def trial(tid, defense, extra):
+        return {"trial_id": tid, "status": "TERMINATED", "error": None,
+                "config": {"attack.name": "blend", "synthesizer": "zskt", "defense": defense, "seed": 0},
+                "last_result": {"final": True, "clean_acc": 90.0, "asr": 99.0, **extra}}
+
+    rows = trial_rows([trial("n0", "none", {}),
+                       trial("a0", "abd", {"sv_auc": 0.987, "sv_masked_frac": 0.0, "sr_trigger_cos": -0.25,
+                                           "sr_trigger_target_rate": 12.5})])
+    assert [r["trial_id"] for r in rows if r["diagnostics"]] == ["a0"]
+    rep = {"study": "s", "status": "FINISHED", "max_acc_drop": 5.0, "pareto": {}, "der": [], "trials": rows,
+           "counts": {"planned": 2, "tune_total": 2, "tune": {}, "optuna_total": {}, "search_trials": 0, "mlflow": {}},
+           "table": [], "recommended": {}}
+    md = render_markdown(rep)
+    section = md.split("## What the defense saw")[1]
+    assert "SV suspect AUC" in section and "cos(delta, trigger)" in section and "SR flip %" not in section
+    assert "| a0 | blend/zskt | abd | 0 | 99.0 | 0.987 | 0.000 | 12.5 | -0.250 |" in section
+    assert "| n0 |" not in section

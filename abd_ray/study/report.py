@@ -22,6 +22,21 @@ from abd_ray.study.spec import cell_key
 # --- reading a study ------------------------------------------------------------------------------------------------
 
 
+# What the defenses' probes measured at a trial's last evaluation against the real test sets (the SV suspect's
+# detection of triggered test images; whether SR's perturbation is the trigger), with the report's column titles.
+DIAGNOSTICS = {
+    "sv_auc": "SV suspect AUC",
+    "sv_mask_poison": "SV masks triggered %",
+    "sv_mask_clean": "SV masks clean %",
+    "sv_masked_frac": "SV masked synthetic",
+    "sr_flip": "SR flip %",
+    "sr_flip0": "SR flip at delta 0 %",
+    "sr_trigger_target_rate": "teacher on x+delta: target %",
+    "sr_student_target_rate": "student on x+delta: target %",
+    "sr_trigger_cos": "cos(delta, trigger)",
+}
+
+
 def trial_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat row per Tune trial: identity, hyperparameters, final metrics (NaN where it did not finish)."""
     rows = []
@@ -52,6 +67,7 @@ def trial_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "step": r.get("step"),
             "error": tr.get("error"),
             "reused_from": c.get("study.reused_from"),
+            "diagnostics": {k: m(k) for k in DIAGNOSTICS if k in r},
         })
     return sorted(rows, key=lambda x: (x["cell"], x["kind"] != "grid", x["defense"] != "none", str(x["defense"]),
                                        x["seed"] or 0, x["trial_id"]))
@@ -270,6 +286,7 @@ def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> 
     for d in rep["der"]:
         lines.append(f"| {d['trial_id']} | {d['kind']} | {d['cell']} | {d['defense']} | {d['seed']} | "
                      f"{_f(d['clean_acc'])} | {_f(d['asr'])} | {_f(d['der'], 3)} |")
+    lines += _diagnostics_lines(rep["trials"])
     failed = [r for r in rep["trials"] if r["status"] not in ("TERMINATED",)]
     if failed:
         lines += ["", "## Trials that did not finish", "", "| trial | cell | defense | status | reason |",
@@ -278,6 +295,29 @@ def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> 
             lines.append(f"| {r['trial_id']} | {r['cell']} | {r['defense']} | {r['status']} | "
                          f"{(r.get('error') or '').replace('|', '/')[:200]} |")
     return "\n".join(lines) + "\n"
+
+
+def _diagnostics_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The section of the defenses' probes: one row per defended trial that reported any."""
+    rows = [r for r in rows if r.get("diagnostics") and not r.get("reused_from")]
+    if not rows:
+        return []
+    keys = [k for k in DIAGNOSTICS if any(k in r["diagnostics"] for r in rows)]
+    lines = ["", "## What the defense saw (last evaluation, against the real test sets)", "",
+             "SV: how well the shuffled suspect tells triggered test images from clean ones, and how much of the last "
+             "synthetic batch it masked. SR: how often its perturbation flips the student (and the clamp alone, at "
+             "delta 0), how often the teacher and the student send clean test images plus delta to the target, and "
+             "its cosine with the true trigger's change. A vaccine whose suspect detects the trigger but whose "
+             "generator no longer makes suspect inputs, with the asr still high, carries the backdoor through "
+             "inputs the suspect does not flag.", "",
+             "| trial | cell | defense | seed | asr | " + " | ".join(DIAGNOSTICS[k] for k in keys) + " |",
+             "|---|---|---|---|---|" + "---|" * len(keys)]
+    for r in rows:
+        values = [_f(r["diagnostics"].get(k), 3 if k in ("sv_auc", "sr_trigger_cos", "sv_masked_frac") else 1)
+                  for k in keys]
+        lines.append(f"| {r['trial_id']} | {r['cell']} | {r['defense']} | {r['seed']} | {_f(r['asr'])} | "
+                     + " | ".join(values) + " |")
+    return lines
 
 
 def plot_pareto(rows: list[dict[str, Any]], front: list[dict[str, Any]], cell: str, path: Path) -> None:
