@@ -60,7 +60,7 @@ PAPER: dict[str, dict[str, dict[str, Any]]] = {
     "ood": {
         "synth": {"T": 8.0, "opt_s": "adam", "lr_s": 1e-3, "cutmix_beta": 0.25, "cutmix_prob": 1.0},
         "sv": {**_SV_COMMON, "bank_mode": "reweight"},
-        # SR resumes from epoch 298 of 300 (the sweep's 298.pth): the last two epochs.
+        # SR resumes from the sweep's 297.pth, the last two of 300 epochs (its 298.pth would leave one).
         "sr": {**_SR_COMMON, "search_l2": 0.0, "sr_loss": "batchmean_t2", "sr_T": 8.0, "hg_ref_grad": True,
                "sr_start": 1.0 - 2.0 / 300.0},
         "abd": {"sv_in_stage2": False},
