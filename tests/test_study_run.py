@@ -40,14 +40,10 @@ def _env(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
-def test_study_end_to_end(tmp_path, cache, capsys):
+def test_study_end_to_end(finished_study, capsys):
     from abd_ray.cli import main
-    from abd_ray.study.runner import launch
 
-    f = write_study(tmp_path)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    study_dir, finished = launch(f, storage=str(tmp_path / "runs"), tracking_uri=uri, cache_dir=cache)
-    assert finished
+    f, uri, study_dir = finished_study["file"], finished_study["uri"], finished_study["dir"]
     a = check_agreement(study_dir, planned=3, search=2)
     assert a["steps"] and all(s == [4, 8, 12] for s in a["steps"].values())
     run = a["runs"][0]
@@ -89,9 +85,10 @@ def test_study_end_to_end(tmp_path, cache, capsys):
     for name in ("report.md", "report.json", "trials.csv", "pareto.csv", "table.csv", "der.csv",
                  "pareto_badnet_grid_zskt.png"):
         assert (study_dir / "report" / name).stat().st_size > 0, name
+    assert main(["report", str(study_dir)]) == 0  # the shared study's report back at the default drop
 
     # The folder holds the study: a second `abd-ray study` refuses and points to resume.
-    assert main(["study", str(f), "--storage", str(tmp_path / "runs"), "--tracking-uri", uri]) == 2
+    assert main(["study", str(f), "--storage", str(study_dir.parent), "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert "already holds study 'tiny'" in err and "abd-ray resume" in err
 

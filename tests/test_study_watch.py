@@ -2,7 +2,7 @@
 links and the parent run's report, optuna-dashboard, and (where Chromium is installed) the MLflow runs view and the
 dashboard rendered in a real browser.
 
-One tiny study runs once for the module, through the ``abd-ray`` command as a user runs it.
+One tiny study runs once for the session (tests/conftest.py), through the ``abd-ray`` command as a user runs it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from studyutil import cli, start_driver, trial_dirs, wait, write_study
+from studyutil import cli, trial_dirs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import screenshots as shots  # noqa: E402 - the project's own server and browser helpers
@@ -30,16 +30,9 @@ LABEL = re.compile(r"^badnet_grid/zskt/(none|abd)/s0/[0-9a-f]{8}(_\d+)?$")
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> dict:
-    """A finished tiny study (the undefended run and two ABD search trials): its folder and the driver's output."""
-    tmp = tmp_path_factory.mktemp("watch")
-    f = write_study(tmp)
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    log = tmp / "driver.log"
-    env = {"MLFLOW_TRACKING_URI": uri}
-    p = start_driver(["study", str(f), "--storage", str(tmp / "runs"), "--cache", str(tmp / "cache")], log, tmp, env)
-    assert wait(p, 400) == 0, log.read_text()[-4000:]
-    return {"dir": tmp / "runs" / "tiny", "log": log.read_text(), "uri": uri, "tmp": tmp}
+def study(finished_study) -> dict:
+    """The session's finished tiny study (tests/conftest.py)."""
+    return finished_study
 
 
 def _status(*args: str) -> subprocess.CompletedProcess:
