@@ -216,6 +216,14 @@ def table(records: list[dict], seeds: list[int], arms: tuple[str, ...] = DEFENSE
                 f"| {a} | {d} | {format_mean_std(ca)} | {min(ca):.1f}..{max(ca):.1f} | {format_mean_std(asr)} | "
                 f"{min(asr):.1f}..{max(asr):.1f} | {','.join(str(r['seed']) for r in rs)} | {', '.join(hashes)} |"
             )
+    if ablation:
+        from abd_ray.study.report import sr_effect, sr_effect_lines
+
+        # The arms as a study's grid trials (the arm's name as the defense, so only `abd` and `sv` pair).
+        rows = [{"cell": f"{r['attack']}/zskt", "defense": arm_of(r), "seed": r["seed"], "kind": "grid",
+                 "clean_acc": r["metrics"]["clean_acc"], "asr": r["metrics"]["asr"], "wall_s": r["process_s"]}
+                for r in records]
+        lines += sr_effect_lines(sr_effect(rows))
     if todo:
         lines += [
             "",

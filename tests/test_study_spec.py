@@ -234,6 +234,31 @@ def test_recommendation_rests_on_the_mean_over_seeds_and_says_how_many():
     assert "one draw" in render_markdown(rep)
 
 
+def test_sr_effect_pairs_abd_with_sv_by_seed_and_says_whether_sr_earns_its_place():
+    from abd_ray.study.report import sr_effect, sr_effect_lines
+
+    def row(cell, defense, seed, acc, asr, wall=100.0, kind="grid"):
+        return {"cell": cell, "defense": defense, "seed": seed, "clean_acc": acc, "asr": asr, "wall_s": wall,
+                "kind": kind}
+
+    done = [row("a", "sv", 0, 97.0, 60.0), row("a", "sv", 1, 96.0, 40.0), row("a", "sv", 2, 95.0, 30.0),
+            row("a", "abd", 0, 96.0, 40.0, 200.0), row("a", "abd", 1, 95.0, 24.0, 300.0),  # seed 2: sv only
+            row("a", "abd", 0, 90.0, 0.0, kind="search"),  # a search trial is not the fixed configuration
+            row("b", "sv", 0, 97.0, 90.0), row("b", "abd", 0, 92.0, 50.0),  # lower asr, but 5 points of clean
+            row("c", "sv", 0, 97.0, 90.0), row("c", "none", 0, 98.0, 99.0)]  # no abd: no row
+    a, b = sr_effect(done)
+    assert a["cell"] == "a" and a["seeds"] == [0, 1] and a["n"] == 2
+    assert a["asr_delta"] == pytest.approx(-18.0) and a["asr_delta_std"] == pytest.approx(2 ** 0.5 * 2)
+    assert a["clean_delta"] == pytest.approx(-1.0) and a["time_ratio"] == pytest.approx(2.5) and a["earns"]
+    assert b["cell"] == "b" and b["asr_delta"] == pytest.approx(-40.0) and not b["earns"]
+    md = "\n".join(sr_effect_lines([a, b]))
+    assert "| a | 2 (0, 1) | -18.0 +- 2.8 (2) | -1.0 +- 0.0 (2) | 2.50 | yes |" in md
+    assert "| b | 1 (0) | -40.0 (1) | -5.0 (1) | 1.00 | no |" in md
+    # Two sv runs on one seed (two fixed configurations): that seed does not pair.
+    twice = [row("a", "sv", 0, 97.0, 60.0), row("a", "sv", 0, 97.0, 50.0), row("a", "abd", 0, 96.0, 40.0)]
+    assert sr_effect(twice) == []
+
+
 def test_study_searcher_order_failures_and_orphans(tmp_path):
     optuna = pytest.importorskip("optuna")
     from abd_ray.study.search import (
@@ -313,6 +338,24 @@ def test_the_digits_ablation_study_runs_what_the_ablation_benchmark_records():
             argv = spread.command(attack, defense, 2, str(ROOT / ".abd_ray" / "cache"), None)[3:]
             bench = config_from_args(build_parser().parse_args(argv)).resolved()
             assert trial.to_flat() == {**bench.to_flat(), "cache_dir": trial.cache_dir}, (attack, defense)
+
+
+def test_the_ablation_table_says_whether_sr_earns_its_place():
+    """bench/spread.py's ablation section pairs its abd and sv records by seed, as a study's report does."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import spread
+
+    def rec(arm, seed, acc, asr):
+        return {"attack": "blend", "arm": arm, "defense": arm.split("-")[0], "seed": seed, "commit": "abc",
+                "metrics": {"clean_acc": acc, "asr": asr}, "process_s": 100.0, "teacher": {"weights_sha256": "f" * 64}}
+
+    records = [rec("sv", 0, 95.0, 90.0), rec("abd", 0, 94.0, 70.0), rec("abd-srpaper", 0, 50.0, 0.0)]
+    md = spread.table(records, [0], ("sv", "abd", "abd-srpaper"))
+    assert "## Does SR earn its place?" in md
+    assert "| blend/zskt | 1 (0) | -20.0 (1) | -1.0 (1) | 1.00 | yes |" in md  # abd-srpaper is not abd
+    assert "Does SR" not in spread.table(records, [0], spread.DEFENSES)  # the spread has no sv arm
 
 
 # --- conditional spaces, the warm start, deterministic twins ---------------------------------------------------

@@ -84,6 +84,43 @@ def _undefended(rows: list[dict[str, Any]], cell: str, seed: Any = None) -> tupl
     return mean_std([r["clean_acc"] for r in use])[0], mean_std([r["asr"] for r in use])[0]
 
 
+# Self-Retrospection earns its place in a cell where ABD's asr is at least this many points below SV alone's, at
+# no more than this many points of extra clean-accuracy cost (means over paired seeds).
+SR_ASR_GAIN, SR_CLEAN_COST = 10.0, 2.0
+
+
+def sr_effect(done: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What SR adds to the vaccine, per cell: ABD against SV alone, grid trials paired by seed.
+
+    Args:
+        done: finished trial rows (:func:`trial_rows`).
+
+    Returns:
+        One dict per cell with both defenses on at least one common seed: the seeds, the mean +- std of abd - sv in
+        asr and in clean_acc, the mean ratio of their run times, and ``earns`` (:data:`SR_ASR_GAIN` points lower asr
+        at no more than :data:`SR_CLEAN_COST` points of extra clean cost).
+    """
+    out = []
+    for cell in sorted({r["cell"] for r in done}):
+        runs = {d: [r for r in done if r["cell"] == cell and r["kind"] == "grid" and r["defense"] == d]
+                for d in ("abd", "sv")}
+        # A seed pairs only where each defense ran once on it (one fixed configuration per defense).
+        once = {d: {s: r for s, r in ((r["seed"], r) for r in rs) if sum(x["seed"] == s for x in rs) == 1}
+                for d, rs in runs.items()}
+        seeds = sorted(set(once["abd"]) & set(once["sv"]), key=str)
+        if not seeds:
+            continue
+        pairs = [(once["abd"][s], once["sv"][s]) for s in seeds]
+        d_asr = mean_std([a["asr"] - v["asr"] for a, v in pairs])
+        d_acc = mean_std([a["clean_acc"] - v["clean_acc"] for a, v in pairs])
+        ratio = mean_std([a["wall_s"] / v["wall_s"] for a, v in pairs if finite(a["wall_s"]) and v["wall_s"] > 0])
+        out.append({"cell": cell, "seeds": seeds, "n": len(seeds),
+                    "asr_delta": d_asr[0], "asr_delta_std": d_asr[1],
+                    "clean_delta": d_acc[0], "clean_delta_std": d_acc[1], "time_ratio": ratio[0],
+                    "earns": d_asr[0] <= -SR_ASR_GAIN and d_acc[0] >= -SR_CLEAN_COST})
+    return out
+
+
 def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, Any]:
     """Everything the report shows, as one JSON-able dict."""
     from abd_ray.metrics import der as der_of  # torch: imported here, so that `abd-ray status` stays fast
@@ -163,6 +200,7 @@ def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, 
         "pareto": fronts,
         "table": table,
         "der": ders,
+        "sr_effect": sr_effect(done),
         "recommended": recs,
         "hypervolume": {cell: hypervolume([(r["clean_acc"], r["asr"]) for r in f]) for cell, f in fronts.items()},
         "mlflow": ui_links(state["tracking_uri"], state.get("mlflow_experiment_id"), state.get("parent_run_id")),
@@ -286,6 +324,7 @@ def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> 
     for d in rep["der"]:
         lines.append(f"| {d['trial_id']} | {d['kind']} | {d['cell']} | {d['defense']} | {d['seed']} | "
                      f"{_f(d['clean_acc'])} | {_f(d['asr'])} | {_f(d['der'], 3)} |")
+    lines += sr_effect_lines(rep.get("sr_effect", []))
     lines += _diagnostics_lines(rep["trials"])
     failed = [r for r in rep["trials"] if r["status"] not in ("TERMINATED",)]
     if failed:
@@ -295,6 +334,23 @@ def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> 
             lines.append(f"| {r['trial_id']} | {r['cell']} | {r['defense']} | {r['status']} | "
                          f"{(r.get('error') or '').replace('|', '/')[:200]} |")
     return "\n".join(lines) + "\n"
+
+
+def sr_effect_lines(effects: list[dict[str, Any]]) -> list[str]:
+    """The section that says, per cell, whether SR lowers the asr beyond what the vaccine alone does."""
+    if not effects:
+        return []
+    lines = ["", "## Does SR earn its place? (abd against sv, grid trials paired by seed)", "",
+             f"SR earns its place where abd's asr is at least {SR_ASR_GAIN:g} points below sv's at no more than "
+             f"{SR_CLEAN_COST:g} points of extra clean cost (means over the paired seeds).", "",
+             "| cell | seeds | asr: abd - sv | clean_acc: abd - sv | run time abd / sv | SR earns its place |",
+             "|---|---|---|---|---|---|"]
+    for e in effects:
+        lines.append(f"| {e['cell']} | {e['n']} ({', '.join(str(s) for s in e['seeds'])}) | "
+                     f"{format_ms(e['asr_delta'], e['asr_delta_std'], e['n'])} | "
+                     f"{format_ms(e['clean_delta'], e['clean_delta_std'], e['n'])} | {_f(e['time_ratio'], 2)} | "
+                     f"{'yes' if e['earns'] else 'no'} |")
+    return lines
 
 
 def _diagnostics_lines(rows: list[dict[str, Any]]) -> list[str]:
