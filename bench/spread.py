@@ -61,7 +61,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # The paper's SR ran over 401-601 pseudo batches; its share of the budget (0.75%) leaves 22 of digits' 3,000,
     # so this arm gives the published form the share abd-ray's default gives SR (the last 10%).
     "abd-srpaper90": ("abd", _sets({**_paper_sr(), "sr_start": 0.9})),
-    # A stronger vaccine: the search benchmark's grid (2,000 steps) gave coef 10 asr 0 / 0 / 22 on badnet_grid.
+    # A stronger vaccine: the top of the search benchmark's coef grid (bench/RESULTS.md, "Search efficiency").
     "sv-coef10": ("sv", _sets({"coef": 10.0})),
     "none-paper": ("none", ["--profile", "paper"]),
     "sv-paper": ("sv", ["--profile", "paper", *_DIGITS_DEPTH]),
