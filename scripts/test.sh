@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite (fault-injection tests included). CI runs exactly this.
+# Two workers: most long tests wait on subprocesses, sleeps and one-CPU trials, so a second worker fills the idle
+# core (pass -n 0 to run in one process).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-exec python -m pytest -q -p no:cacheprovider "$@"
+exec python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup "$@"

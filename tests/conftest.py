@@ -6,6 +6,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first, so that under ``pytest -n`` (scripts/test.sh) no long test is left to run alone at the end;
+    the tests of the shared finished study in one group, so that ``--dist loadgroup`` runs that study once."""
+    for item in items:
+        if "finished_study" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("finished_study"))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each part
+
+
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory):
     """The default digits teacher (badnet_grid), trained once per test session."""
