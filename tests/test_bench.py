@@ -33,6 +33,24 @@ def test_grid_points_collapse_inner_round_without_sr():
     assert len({tuple(sorted(p.items())) for p in pts}) == 9
 
 
+def test_sv_grid_holds_the_warm_start_corners(tmp_path):
+    """The sv space's grid is 9 distinct points, and the default warm start's two corners are grid points (so a
+    sampler's study answers them from the grid's trials); the generated study file is a valid search study."""
+    from abd_ray.study.search import default_point
+    from abd_ray.study.spec import load_spec
+
+    pts = bench_search.grid_points(0.9, "sv")
+    assert len({tuple(sorted(p.items(), key=str)) for p in pts}) == 9
+    f = tmp_path / "s.yaml"
+    f.write_text(bench_search.study_yaml("s", "tpe", 6, 0, 2000, 0.9, 2, space="sv", warm_start=True))
+    search = load_spec(f).search
+    warm = search.warm_start(default_point(search))
+    assert warm[0] == {"defense.coef": 4.0, "defense.n_shuf_layer": "auto"}  # the vaccine's defaults
+    assert warm[1:] == [{"defense.coef": 0.1, "defense.n_shuf_layer": "auto"},
+                        {"defense.coef": 10.0, "defense.n_shuf_layer": "auto"}]
+    assert all(w in pts for w in warm[1:])
+
+
 def test_schedule_ratio_weights_the_stages():
     cells = {("zskt", "none"): {"cpu_s_per_step": 1.0}, ("zskt", "sv"): {"cpu_s_per_step": 1.2},
              ("zskt", "sr"): {"cpu_s_per_step": 5.0}, ("zskt", "abd"): {"cpu_s_per_step": 6.0}}
