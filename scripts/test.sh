@@ -4,4 +4,4 @@
 # core (pass -n 0 to run in one process).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-exec python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup "$@"
+exec python -m pytest -q -p no:cacheprovider -n 2 "$@"

@@ -6,13 +6,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import pytest  # noqa: E402
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Slow tests first, so that under ``pytest -n`` (scripts/test.sh) no long test is left to run alone at the end;
-    the tests of the shared finished study in one group, so that ``--dist loadgroup`` runs that study once."""
-    for item in items:
-        if "finished_study" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("finished_study"))
+    """Slow tests first, so that under ``pytest -n`` (scripts/test.sh) no long test is left to run alone at the
+    end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each part
 
 
@@ -28,8 +24,9 @@ def digits_teacher(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def finished_study(tmp_path_factory) -> dict:
-    """A finished tiny study (the undefended run and two ABD search trials), run once per session through the
-    ``abd-ray study`` command as a user runs it: its folder, the driver's output, the MLflow URI and the study file.
+    """A finished tiny study (the undefended run and two ABD search trials), run once per session (once per worker
+    under ``pytest -n``) through the ``abd-ray study`` command as a user runs it: its folder, the driver's output,
+    the MLflow URI and the study file.
 
     Shared by the end-to-end and the watch tests; a test that changes the folder works on a copy, or puts back what
     it changed.
