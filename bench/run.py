@@ -6,6 +6,7 @@
     .venv/bin/python bench/run.py zskt                    # the seed's ZSKT step vs ours (interleaved, CPU time)
     .venv/bin/python bench/run.py ray                     # Ray's overhead: quickstart as a study vs plain calls
     .venv/bin/python bench/run.py search                  # search efficiency: hypervolume vs trials, 4 samplers + grid
+                                                          # (--space sv: the vaccine alone; --space abd: with SR)
     .venv/bin/python bench/run.py gpu                     # the GPU figures (what bench/gpu.sh runs)
     .venv/bin/python bench/run.py all                     # cost, zskt, ray, search (not gpu)
 
@@ -82,7 +83,8 @@ def write_json(name: str, doc: dict[str, Any], smoke: bool) -> Path:
     return p
 
 
-SECTION_ORDER = ("cost", "cost_cifar", "zskt", "ray", "ray_notes", "search", "search_notes", "gpu", "findings")
+SECTION_ORDER = ("cost", "cost_cifar", "zskt", "ray", "ray_notes", "search", "search_notes", "search_sv", "search_sv_notes",
+                 "gpu", "findings")
 HEADER = """# abd-ray benchmark results
 
 Written by `bench/run.py` (one section per benchmark; a section is rewritten when its benchmark is run again).
