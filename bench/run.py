@@ -83,8 +83,8 @@ def write_json(name: str, doc: dict[str, Any], smoke: bool) -> Path:
     return p
 
 
-SECTION_ORDER = ("cost", "cost_cifar", "zskt", "ray", "ray_notes", "search", "search_notes", "search_sv", "search_sv_notes",
-                 "gpu", "findings")
+SECTION_ORDER = ("cost", "cost_cifar", "zskt", "ray", "ray_notes", "search", "search_notes", "search_sv",
+                 "search_sv_notes", "gpu", "findings")
 HEADER = """# abd-ray benchmark results
 
 Written by `bench/run.py` (one section per benchmark; a section is rewritten when its benchmark is run again).
