@@ -83,6 +83,18 @@ search:
 """ + SPACES[space].format(sr_on=sr_on)
 
 
+def warm_start_points(space: str, sr_on: float) -> list[dict[str, Any]]:
+    """The points a sampler's study enqueues first (the product's default warm start), as its study file sets it."""
+    import yaml
+
+    from abd_ray.study.search import default_point
+    from abd_ray.study.spec import StudySpec
+
+    raw = yaml.safe_load(study_yaml("warm", DEFAULT_SAMPLER, 6, 0, 10, sr_on, 1, space, warm_start=True))
+    search = StudySpec.from_dict(raw).search
+    return search.warm_start(default_point(search))
+
+
 def grid_points(sr_on: float, space: str = "abd") -> list[dict[str, Any]]:
     """The grid's points (flat config keys) of a ``--space`` preset."""
     if space == "sv":
@@ -302,7 +314,7 @@ def markdown(doc: dict[str, Any], png: Path) -> str:
                      f"{r['wall_s']:.0f} (load {r['load'][0]}->{r['load'][1]}) |")
     lines.append("")
     grid_seeds = sorted(s["grid_final_hv"])
-    n_warm = 3 if warm else 0
+    n_warm = len(warm_start_points(space, doc["sr_on"])) if warm else 0
     lines += ["| sampler | seeds run | trials to 95% of the grid's final HV, per seed | worst seed | "
               + (f"HV after the warm start ({n_warm} trials) -> final, per seed |" if warm else "final HV, per seed |"),
               "|---|---|---|---|---|"]

@@ -49,6 +49,7 @@ def test_sv_grid_holds_the_warm_start_corners(tmp_path):
     assert warm[1:] == [{"defense.coef": 0.1, "defense.n_shuf_layer": "auto"},
                         {"defense.coef": 10.0, "defense.n_shuf_layer": "auto"}]
     assert all(w in pts for w in warm[1:])
+    assert bench_search.warm_start_points("sv", 0.9) == warm  # what the table counts as the warm start
 
 
 def test_schedule_ratio_weights_the_stages():
