@@ -6,12 +6,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import pytest  # noqa: E402
 
 
-def pytest_collection_modifyitems(config, items):
-    """Slow tests first, so that under ``pytest -n`` (scripts/test.sh) no long test is left to run alone at the
-    end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each part
-
-
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory):
     """The default digits teacher (badnet_grid), trained once per test session."""
@@ -25,7 +19,7 @@ def digits_teacher(tmp_path_factory):
 @pytest.fixture(scope="session")
 def finished_study(tmp_path_factory) -> dict:
     """A finished tiny study (the undefended run and two ABD search trials), run once per session (once per worker
-    under ``pytest -n``) through the ``abd-ray study`` command as a user runs it: its folder, the driver's output,
+    under ``pytest -n 2``) through the ``abd-ray study`` command as a user runs it: its folder, the driver's output,
     the MLflow URI and the study file.
 
     Shared by the end-to-end and the watch tests; a test that changes the folder works on a copy, or puts back what
