@@ -1,11 +1,13 @@
 """Search efficiency (``bench/run.py search``): hypervolume of the (clean_acc, asr) front against finished trials.
 
 Digits / badnet_grid / zskt. Every sampler (tpe, nsga2, gp, random) runs as a real study (Ray Tune + Optuna +
-MLflow, :func:`abd_ray.study.runner.launch`) on a generated study file, over one of two spaces (``--space``):
+MLflow, :func:`abd_ray.study.runner.launch`) on a generated study file, over one of three spaces (``--space``):
 
-- ``sv`` (default; the vaccine alone, as the quickstart searches it): ``coef`` in [0.1, 10] (log) and
-  ``n_shuf_layer`` in {auto, 2, 3} (cnn_l has three convolutions; ``auto`` is the last one). Grid: coef 0.1/1/10 x
-  n_shuf_layer auto/2/3, 9 distinct points.
+- ``coef`` (default; the vaccine's strength alone, the quickstart's space): ``coef`` in [1, 10] (log), the
+  vaccine's other hyperparameters at their defaults. Grid: 9 log-spaced coef values from 1 to 10.
+- ``sv`` (the vaccine alone, with its layer count): ``coef`` in [0.1, 10] (log) and ``n_shuf_layer`` in
+  {auto, 2, 3} (cnn_l has three convolutions; ``auto`` is the last one). Grid: coef 0.1/1/10 x n_shuf_layer
+  auto/2/3, 9 distinct points.
 - ``abd`` (the paper's sweep with SR): ``coef`` in [0.1, 10] (log), ``inner_round`` in [10, 20] (``when`` SR is
   on: it means nothing with SR off), SR on/off (``sr_start`` in {on, 1.0}: at 1.0 the second stage never starts).
   Grid: coef 0.1/1/10 x inner_round 10/20 x SR on/off, 12 points of which 9 are distinct.
@@ -49,6 +51,8 @@ def curve(rows: list[dict[str, Any]]) -> list[float]:
 
 # The searched space of each ``--space`` preset, as study-file YAML (``{sr_on}``: the sr_start that turns SR on).
 SPACES = {
+    "coef": """    coef: {{low: 1.0, high: 10.0, log: true}}
+""",
     "sv": """    coef: {{low: 0.1, high: 10.0, log: true}}
     n_shuf_layer: {{choices: [auto, 2, 3]}}
 """,
@@ -57,6 +61,10 @@ SPACES = {
     inner_round: {{low: 10, high: 20, when: {{sr_start: {sr_on}}}}}
 """,
 }
+# The defense each space searches.
+SPACE_DEFENSE = {"coef": "sv", "sv": "sv", "abd": "abd"}
+# The coef space's grid: 10 ** (k / 8), k = 0..8, rounded to 3 significant digits (1 and 10 exact).
+COEF_GRID = tuple(float(f"{10 ** (k / 8):.3g}") for k in range(9))
 
 
 def study_yaml(name: str, sampler: str, n: int, seed: int, steps: int, sr_on: float, concurrent: int,
@@ -73,7 +81,7 @@ resources: {{cpu: 1, gpu: 0}}
 max_concurrent: {concurrent}
 max_failures: 1
 search:
-  defense: {space}
+  defense: {SPACE_DEFENSE[space]}
   sampler: {sampler}
   num_samples: {n}
   seed: {seed}
@@ -97,6 +105,8 @@ def warm_start_points(space: str, sr_on: float) -> list[dict[str, Any]]:
 
 def grid_points(sr_on: float, space: str = "abd") -> list[dict[str, Any]]:
     """The grid's points (flat config keys) of a ``--space`` preset."""
+    if space == "coef":
+        return [{"defense.coef": coef} for coef in COEF_GRID]
     if space == "sv":
         return [{"defense.coef": coef, "defense.n_shuf_layer": k} for coef in (0.1, 1.0, 10.0)
                 for k in ("auto", 2, 3)]
@@ -189,7 +199,7 @@ def search_main(args: argparse.Namespace, argv: list[str]) -> None:
                                     args.sr_on, args.concurrent, args.space, warm))
             t0, l0 = time.perf_counter(), R.load()
             study_dir = run_study(f, work / "studies", args.cache, grid if sampler is None else None, store,
-                                  defense=args.space)
+                                  defense=SPACE_DEFENSE[args.space])
             rows = rows_of(study_dir)
             if sampler is None:
                 rows = [r for r in rows if r["kind"] == "grid"]
@@ -280,7 +290,12 @@ def markdown(doc: dict[str, Any], png: Path) -> str:
     seeds = sorted({r["seed"] for r in runs.values()})
     grid_n = max((len(r["hv"]) for r in runs.values() if r["label"] == "grid"), default=0)
     space, warm = doc.get("space", "abd"), doc.get("warm_start", False)
-    if space == "sv":
+    if space == "coef":
+        about = (f"Reduced budget: {doc['steps']} steps per trial (the digits default is 3000). Space: the "
+                 "vaccine's strength alone, as the quickstart searches it (`search.defense: sv`), coef in [1, 10] "
+                 "(log); the vaccine's other hyperparameters at their defaults (n_shuf_layer auto = the last of "
+                 f"cnn_l's 3 convolutions). Grid: coef {' / '.join(f'{c:g}' for c in COEF_GRID)}, {grid_n} points.")
+    elif space == "sv":
         about = (f"Reduced budget: {doc['steps']} steps per trial (the digits default is 3000). Space: the vaccine "
                  "alone (`search.defense: sv`), coef in [0.1, 10] (log) x n_shuf_layer in {auto (= the last of "
                  f"cnn_l's 3 convolutions), 2, 3}}. Grid: coef 0.1/1/10 x n_shuf_layer auto/2/3, {grid_n} points.")
@@ -289,9 +304,10 @@ def markdown(doc: dict[str, Any], png: Path) -> str:
                  f"{doc['sr_on']} (SR for the last {round((1 - doc['sr_on']) * doc['steps'])} steps), SR off = "
                  "`sr_start` 1.0. Grid: coef 0.1/1/10 x inner_round 10/20 x SR on/off = 12 nominal points, "
                  f"{grid_n} distinct (inner_round is moot with SR off).")
+    ends = [p["defense.coef"] for p in warm_start_points(space, doc["sr_on"])[1:]]
     start = ("Each sampler starts from the default warm start (`include_defaults: true`): the defense's defaults, "
-             "then coef at 0.1 and at 10 (both grid points, answered from the grid's trials), then "
-             f"{max(0, doc['trials_per_sampler'] - 3)} proposals of its own." if warm else
+             f"then coef at {' and at '.join(f'{c:g}' for c in ends)} (both grid points, answered from the grid's "
+             f"trials), then {max(0, doc['trials_per_sampler'] - 1 - len(ends))} proposals of its own." if warm else
              "No warm start (`include_defaults: false`): every trial is the sampler's own.")
     lines = [f"## Search efficiency: hypervolume vs finished trials (digits, badnet_grid, zskt, {space} space)", "",
              "Commands (in the order they ran; with `--resume` each adds the runs that the results file lacks):", "",
@@ -368,8 +384,9 @@ def register(sub) -> dict[str, Any]:
     p.add_argument("--concurrent", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="keep the runs already in search.json")
     p.add_argument("--render", action="store_true", help="run nothing: plot and tabulate the runs in search.json")
-    p.add_argument("--space", choices=sorted(SPACES), default="sv",
-                   help="the searched space: sv (the vaccine alone, as the quickstart) or abd (with SR on/off)")
+    p.add_argument("--space", choices=sorted(SPACES), default="coef",
+                   help="the searched space: coef (the vaccine's strength, as the quickstart), sv (coef and the "
+                        "vaccine's layer count) or abd (with SR on/off)")
     p.add_argument("--no-warm-start", action="store_true",
                    help="the sampler alone, without the defaults and coef's ends enqueued first")
     p.add_argument("--no-reuse", action="store_true",

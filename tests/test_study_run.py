@@ -78,6 +78,10 @@ def test_study_end_to_end(finished_study, capsys):
     assert rep["table"][0]["defense"] == "none" and rep["table"][0]["n"] == 1
     assert len(rep["der"]) == 2 and all(0.0 <= d["der"] <= 1.0 for d in rep["der"])
     assert rep["pareto"]["badnet_grid/zskt"]
+    # Both search trials are the warm start (the defaults, then coef's low end): no proposal to judge yet.
+    searched = rep["search"]["badnet_grid/zskt"]
+    assert sorted(r["origin"] for r in searched["trials"]) == ["defaults", "warm start"]
+    assert searched["verdict"].startswith("no proposal of the sampler has finished")
     capsys.readouterr()
     assert main(["report", str(study_dir), "--json", "--max-acc-drop", "100"]) == 0
     out = json.loads(capsys.readouterr().out)

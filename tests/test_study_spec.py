@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from abd_ray.stats import format_mean_std, mean_std
-from abd_ray.study.front import by_config, pareto_front, recommend
-from abd_ray.study.report import render_markdown
+from abd_ray.study.front import by_config, pareto_front, recommend, search_against_start
+from abd_ray.study.report import render_markdown, search_lines
 from abd_ray.study.spec import StudySpec, StudySpecError, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,6 +203,36 @@ def test_pareto_front_and_recommendation():
     assert m == 2.0 and math.isclose(s, math.sqrt(2)) and n == 2
     assert format_mean_std([1.0, 3.0]) == "2.0 +- 1.4 (2)" and format_mean_std([float("nan")]) == "n/a"
     assert format_mean_std([2.0]) == "2.0 (1)"  # one value has no spread
+
+
+def test_the_search_is_judged_against_its_warm_start():
+    def run(tid, kind, defense, coef, acc, asr):
+        return {"trial_id": tid, "kind": kind, "defense": defense, "params": {} if coef is None else {"coef": coef},
+                "clean_acc": acc, "asr": asr}
+
+    start = [{"defense": "sv", "defaults": True, "params": {"coef": 4.0}},
+             {"defense": "sv", "defaults": False, "params": {"coef": 1.0}},
+             {"defense": "sv", "defaults": False, "params": {"coef": 10.0}}]
+    rows = [run("u", "grid", "none", None, 98.0, 99.0), run("d", "search", "sv", 4, 96.0, 18.0),
+            run("lo", "search", "sv", 1.0, 97.0, 60.0), run("hi", "search", "sv", 10.0, 95.0, 15.0),
+            run("p1", "search", "sv", 2.2, 96.5, 30.0),  # on the front: nothing has both its acc and its asr
+            run("p2", "search", "sv", 6.1, 95.5, 40.0)]  # dominated by the defaults only
+    got = search_against_start(rows, start)
+    by_id = {r["trial_id"]: r for r in got["trials"]}
+    assert "u" not in by_id  # the undefended run is on the front but is no search trial
+    assert [by_id[t]["origin"] for t in ("d", "lo", "hi", "p1", "p2")] == [
+        "defaults", "warm start", "warm start", "proposal", "proposal"]
+    assert by_id["p1"]["on_front"] and by_id["p1"]["dominated_by"] is None
+    assert not by_id["p2"]["on_front"] and by_id["p2"]["dominated_by"] == "d"
+    assert (got["proposals"], got["proposals_on_front"]) == (2, 1)
+    assert got["verdict"] == "1 of the sampler's 2 proposals lie on the front (p1)"
+    # Without p1, the one proposal left is dominated, and the verdict names what dominates it.
+    got = search_against_start([r for r in rows if r["trial_id"] != "p1"], start)
+    assert got["proposals_on_front"] == 0
+    assert got["verdict"].startswith("every one of the sampler's 1 proposals is dominated, by d (defaults)")
+    assert search_against_start(rows[:4], start)["verdict"].startswith("no proposal of the sampler has finished")
+    md = "\n".join(search_lines({"c": search_against_start(rows, start)}))
+    assert "## The search against its warm start: c" in md and "| p2 | proposal | sv | 95.5 | 40.0 | no | d |" in md
 
 
 def test_recommendation_rests_on_the_mean_over_seeds_and_says_how_many():

@@ -43,6 +43,11 @@ def finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def canonical(v: Any) -> Any:
+    """A hyperparameter value in one form: 4 and 4.0 are the same value; YAML and Optuna may give either."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
 def by_config(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Finished runs of one cell grouped by configuration (defense and hyperparameters) across seeds: one row per
     configuration with the mean, sample std and count ``n`` of clean_acc / asr / robust_acc, its seeds and trials
@@ -77,3 +82,47 @@ def recommend(rows: list[dict[str, Any]], undefended_acc: float, max_acc_drop: f
     if not cands:
         return None
     return min(cands, key=lambda r: (r["asr"], -r["clean_acc"]))
+
+
+def search_against_start(rows: list[dict[str, Any]], start: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a cell's search trials stand against its warm start: each one's origin, whether it is on the front of
+    the cell's finished trials, and which trial dominates it; and a one-line verdict on the sampler's proposals.
+
+    Args:
+        rows: the cell's finished trials (any kind), each with ``trial_id``, ``kind``, ``defense``, ``params``
+            (hyperparameters by name), ``clean_acc`` and ``asr``.
+        start: the warm start's points in order, each as the resolved defense and hyperparameters of its trial
+            (``{"defense": ..., "params": {...}}``); with the defaults included, they come first.
+    """
+    front_ids = {r["trial_id"] for r in pareto_front(rows)}
+    search = [r for r in rows if r.get("kind") == "search"]
+
+    def origin(r: dict[str, Any]) -> str:
+        for i, pt in enumerate(start):
+            if r["defense"] == pt["defense"] and all(
+                    canonical(r["params"].get(k)) == canonical(v) for k, v in pt["params"].items()):
+                return "defaults" if i == 0 and pt.get("defaults") else "warm start"
+        return "proposal"
+
+    out = []
+    for r in search:
+        better = [q for q in rows if q is not r and q["clean_acc"] >= r["clean_acc"] and q["asr"] <= r["asr"]
+                  and (q["clean_acc"] > r["clean_acc"] or q["asr"] < r["asr"])]
+        # The dominating trial named is the strongest one: lowest asr, then highest clean_acc.
+        by = min(better, key=lambda q: (q["asr"], -q["clean_acc"]))["trial_id"] if better else None
+        out.append({"trial_id": r["trial_id"], "origin": origin(r), "defense": r["defense"],
+                    "params": r["params"], "clean_acc": r["clean_acc"], "asr": r["asr"],
+                    "on_front": r["trial_id"] in front_ids, "dominated_by": by})
+    proposals = [r for r in out if r["origin"] == "proposal"]
+    on = [r["trial_id"] for r in proposals if r["on_front"]]
+    if not proposals:
+        verdict = "no proposal of the sampler has finished: the search so far is its warm start"
+    elif on:
+        verdict = f"{len(on)} of the sampler's {len(proposals)} proposals lie on the front ({', '.join(on)})"
+    else:
+        doms = sorted({r["dominated_by"] for r in proposals})
+        names = {r["trial_id"]: r["origin"] for r in out}
+        verdict = (f"every one of the sampler's {len(proposals)} proposals is dominated, by "
+                   + ", ".join(f"{t} ({names.get(t, 'a fixed trial')})" for t in doms)
+                   + ": the front is the warm start's and the fixed trials' points")
+    return {"trials": out, "proposals_on_front": len(on), "proposals": len(proposals), "verdict": verdict}

@@ -16,7 +16,7 @@ from typing import Any
 
 from abd_ray.stats import format_mean_std, format_ms, mean_std
 from abd_ray.study.folder import REPORT_DIR, StudyFolder
-from abd_ray.study.front import by_config, finite, hypervolume, pareto_front, recommend
+from abd_ray.study.front import by_config, finite, hypervolume, pareto_front, recommend, search_against_start
 from abd_ray.study.spec import cell_key
 
 # --- reading a study ------------------------------------------------------------------------------------------------
@@ -169,6 +169,14 @@ def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, 
             "undefended": {k: format_mean_std([r[k] for r in base]) for k in ("clean_acc", "asr")},
         }
 
+    start = warm_start_trials(spec.search) if spec.search else []
+    searched = {cell: search_against_start([r for r in done if r["cell"] == cell], start) for cell in cells
+                if any(r["kind"] == "search" and r["cell"] == cell for r in done)}
+    names = {p.name for p in spec.search.space} if spec.search else set()
+    for s in searched.values():  # the table shows what the sampler chose, not the constants beside it
+        for r in s["trials"]:
+            r["params"] = {k: v for k, v in r["params"].items() if k in names}
+
     # Paper-style table: grid trials, mean ± std over seeds, per attack x (synthesizer, defense).
     table = []
     for attack in sorted({r["attack"] for r in rows}):
@@ -201,10 +209,23 @@ def build_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> dict[str, 
         "table": table,
         "der": ders,
         "sr_effect": sr_effect(done),
+        "search": searched,
         "recommended": recs,
         "hypervolume": {cell: hypervolume([(r["clean_acc"], r["asr"]) for r in f]) for cell, f in fronts.items()},
         "mlflow": ui_links(state["tracking_uri"], state.get("mlflow_experiment_id"), state.get("parent_run_id")),
     }
+
+
+def warm_start_trials(search: Any) -> list[dict[str, Any]]:
+    """The warm start's points as the trials they become: the defense each runs (a switch may change it) and its
+    searched hyperparameters by name; the first is marked ``defaults`` when the study includes them."""
+    from abd_ray.study.search import default_point
+
+    out = []
+    for i, pt in enumerate(search.warm_start(default_point(search))):
+        out.append({"defense": search.switch_defense(pt), "defaults": i == 0 and search.include_defaults,
+                    "params": {k.split(".", 1)[1]: v for k, v in pt.items() if k.startswith("defense.")}})
+    return out
 
 
 def mlflow_lines(links: dict[str, Any]) -> list[str]:
@@ -319,6 +340,7 @@ def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> 
         for r in front:
             lines.append(f"| {r['trial_id']} | {r['kind']} | {r['defense']} | {r['seed']} | {_f(r['clean_acc'])} | "
                          f"{_f(r['asr'])} | {_f(r['robust_acc'])} | {_f(r.get('der'), 3)} | {_params(r['params'])} |")
+    lines += search_lines(rep.get("search", {}))
     lines += ["", "## der of defended runs against their undefended twin", "",
               "| trial | kind | cell | defense | seed | clean_acc | asr | der |", "|---|---|---|---|---|---|---|---|"]
     for d in rep["der"]:
@@ -334,6 +356,21 @@ def render_markdown(rep: dict[str, Any], pngs: dict[str, str] | None = None) -> 
             lines.append(f"| {r['trial_id']} | {r['cell']} | {r['defense']} | {r['status']} | "
                          f"{(r.get('error') or '').replace('|', '/')[:200]} |")
     return "\n".join(lines) + "\n"
+
+
+def search_lines(searched: dict[str, Any]) -> list[str]:
+    """Per cell, the search's trials against its warm start: which proposals reach the front, and what dominates
+    the rest, so that a search that found nothing better than the defaults says so."""
+    lines: list[str] = []
+    for cell, s in searched.items():
+        lines += ["", f"## The search against its warm start: {cell}", "", f"Verdict: {s['verdict']}.", "",
+                  "| trial | origin | defense | clean_acc | asr | on the front | dominated by | hyperparameters |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in s["trials"]:
+            lines.append(f"| {r['trial_id']} | {r['origin']} | {r['defense']} | {_f(r['clean_acc'])} | "
+                         f"{_f(r['asr'])} | {'yes' if r['on_front'] else 'no'} | {r['dominated_by'] or '-'} | "
+                         f"{_params(r['params'])} |")
+    return lines
 
 
 def sr_effect_lines(effects: list[dict[str, Any]]) -> list[str]:
@@ -452,11 +489,14 @@ def write_report(study_dir: str | Path, max_acc_drop: float = 5.0) -> tuple[dict
 
 
 def summary_metrics(rep: dict[str, Any]) -> dict[str, float]:
-    """The parent run's summary: per cell, the recommended config's clean_acc / asr and the front's hypervolume."""
+    """The parent run's summary: per cell, the recommended config's clean_acc / asr, the front's hypervolume and,
+    in a search, how many of the sampler's proposals lie on the front."""
     out = {f"{cell}/hypervolume": hv for cell, hv in rep["hypervolume"].items()}
     for cell, r in rep["recommended"].items():
         if r is not None:
             out.update({f"{cell}/recommended_clean_acc": r["clean_acc"], f"{cell}/recommended_asr": r["asr"]})
+    for cell, s in rep.get("search", {}).items():
+        out[f"{cell}/proposals_on_front"] = float(s["proposals_on_front"])
     return {k: v for k, v in out.items() if finite(v)}
 
 

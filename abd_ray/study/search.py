@@ -24,6 +24,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from abd_ray.study.folder import StudyFolder
+from abd_ray.study.front import canonical
 from abd_ray.study.spec import Param, SearchSpec, StudySpec, defense_defaults
 
 METRICS = ["clean_acc", "asr"]
@@ -169,18 +170,13 @@ def science_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def _canonical(v: Any) -> Any:
-    # 4 and 4.0 are the same hyperparameter value; YAML and Optuna may give either.
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-
-
 def trial_key(config: dict[str, Any]) -> str:
     """The resolved config of a trial, as a hash: its run config and fault keys (not the study's bookkeeping), the
     defense's hyperparameters completed by the defense's defaults (a moot parameter is never suggested, so it is
     not there), and :func:`science_hash`. Trials are deterministic: equal keys give equal results."""
-    run = {k: _canonical(v) for k, v in config.items() if not k.startswith("study.")}
+    run = {k: canonical(v) for k, v in config.items() if not k.startswith("study.")}
     for k, v in defense_defaults(str(config.get("defense"))).items():
-        run.setdefault(f"defense.{k}", _canonical(v))
+        run.setdefault(f"defense.{k}", canonical(v))
     doc = json.dumps({"config": run, "science": science_hash()}, sort_keys=True, default=str)
     return hashlib.sha256(doc.encode()).hexdigest()
 
