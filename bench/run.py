@@ -84,7 +84,7 @@ def write_json(name: str, doc: dict[str, Any], smoke: bool) -> Path:
 
 
 SECTION_ORDER = ("cost", "cost_cifar", "zskt", "ray", "ray_notes", "search", "search_notes", "search_sv",
-                 "search_sv_notes", "gpu", "findings")
+                 "search_sv_notes", "search_coef", "search_coef_notes", "gpu", "findings")
 HEADER = """# abd-ray benchmark results
 
 Written by `bench/run.py` (one section per benchmark; a section is rewritten when its benchmark is run again).

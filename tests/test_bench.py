@@ -33,23 +33,30 @@ def test_grid_points_collapse_inner_round_without_sr():
     assert len({tuple(sorted(p.items())) for p in pts}) == 9
 
 
-def test_sv_grid_holds_the_warm_start_corners(tmp_path):
-    """The sv space's grid is 9 distinct points, and the default warm start's two corners are grid points (so a
-    sampler's study answers them from the grid's trials); the generated study file is a valid search study."""
+@pytest.mark.parametrize("space, low, extra", [("sv", 0.1, {"defense.n_shuf_layer": "auto"}), ("coef", 1.0, {})])
+def test_the_grid_holds_the_warm_start_corners(tmp_path, space, low, extra):
+    """Each vaccine space's grid is 9 distinct points, and the default warm start's two corners are grid points
+    (so a sampler's study answers them from the grid's trials); the generated study file is a valid search study
+    of the vaccine, whose space is the quickstart's for ``coef``."""
+    import yaml
+
     from abd_ray.study.search import default_point
     from abd_ray.study.spec import load_spec
 
-    pts = bench_search.grid_points(0.9, "sv")
+    pts = bench_search.grid_points(0.9, space)
     assert len({tuple(sorted(p.items(), key=str)) for p in pts}) == 9
     f = tmp_path / "s.yaml"
-    f.write_text(bench_search.study_yaml("s", "tpe", 6, 0, 2000, 0.9, 2, space="sv", warm_start=True))
+    f.write_text(bench_search.study_yaml("s", "tpe", 6, 0, 2000, 0.9, 2, space=space, warm_start=True))
     search = load_spec(f).search
+    assert search.defense == "sv"
     warm = search.warm_start(default_point(search))
-    assert warm[0] == {"defense.coef": 4.0, "defense.n_shuf_layer": "auto"}  # the vaccine's defaults
-    assert warm[1:] == [{"defense.coef": 0.1, "defense.n_shuf_layer": "auto"},
-                        {"defense.coef": 10.0, "defense.n_shuf_layer": "auto"}]
+    assert warm[0] == {"defense.coef": 4.0, **extra}  # the vaccine's defaults
+    assert warm[1:] == [{"defense.coef": low, **extra}, {"defense.coef": 10.0, **extra}]
     assert all(w in pts for w in warm[1:])
-    assert bench_search.warm_start_points("sv", 0.9) == warm  # what the table counts as the warm start
+    assert bench_search.warm_start_points(space, 0.9) == warm  # what the table counts as the warm start
+    if space == "coef":
+        quick = yaml.safe_load(open(Path(__file__).parent.parent / "studies" / "quickstart.yaml"))["search"]
+        assert quick["defense"] == "sv" and quick["space"] == {"coef": {"low": 1.0, "high": 10.0, "log": True}}
 
 
 def test_schedule_ratio_weights_the_stages():
