@@ -151,6 +151,25 @@ def test_a_bad_address_is_refused(address):
         _host_port(address)
 
 
+def test_without_an_address_ray_starts_here_even_beside_a_stale_cluster_address():
+    """Ray's temp dir names the last `ray start` (or test) cluster, and Ray's own ``init()`` would join it, waiting
+    minutes on a cluster long gone. Without an address, a study starts its own Ray on this machine."""
+    temp = tempfile.mkdtemp(prefix="abdray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    try:
+        os.makedirs(os.path.join(temp, "ray"))
+        with open(os.path.join(temp, "ray", "ray_current_cluster"), "w") as f:
+            f.write("127.0.0.1:9")  # the discard port: no GCS there
+        code = ("from abd_ray.study.cluster import connect; connect(None, print); import ray; "
+                "print('gcs', ray.get_runtime_context().gcs_address)")
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": temp}
+        r = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        gcs = [x for x in r.stdout.splitlines() if x.startswith("gcs ")]
+        assert gcs and not gcs[0].endswith(":9"), r.stdout[-2000:]
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_study_and_resume_on_a_cluster_started_by_ray_start(netns, tmp_path):
     home = tmp_path / "home"

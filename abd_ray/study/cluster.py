@@ -169,8 +169,10 @@ def connect(address: str | None, echo: Callable[[str], None] = print) -> bool:
     else:
         import ray
 
-        # Token authentication is left as Ray sets it for a local cluster (on).
-        ray.init(include_dashboard=False, **init_kwargs)  # two cores: the dashboard would compete with trials
+        # "local": a new in-process cluster. With no address Ray would join the last `ray start` cluster named in
+        # its temp dir, and wait on that address even when the cluster is long gone. Token authentication is left
+        # as Ray sets it for a local cluster (on); no dashboard: on two cores it would compete with trials.
+        ray.init(address="local", include_dashboard=False, **init_kwargs)
     return True
 
 
