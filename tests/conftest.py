@@ -6,6 +6,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first, so that under ``pytest -n`` (scripts/test.sh) no long test is left to run alone at the
+    end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each part
+
+
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory):
     """The default digits teacher (badnet_grid), trained once per test session."""
