@@ -17,14 +17,13 @@ def pareto_front(points: list[dict[str, Any]], acc: str = "clean_acc", asr: str 
     A point is dominated when another is at least as good in both and better in one. NaN points are skipped.
     """
     pts = [p for p in points if finite(p.get(acc)) and finite(p.get(asr))]
-    front = []
-    for p in pts:
-        dominated = any(
-            q[acc] >= p[acc] and q[asr] <= p[asr] and (q[acc] > p[acc] or q[asr] < p[asr]) for q in pts
-        )
-        if not dominated:
-            front.append(p)
+    front = [p for p in pts if not any(dominates(q, p, acc, asr) for q in pts)]
     return sorted(front, key=lambda p: (p[asr], -p[acc]))
+
+
+def dominates(q: dict[str, Any], p: dict[str, Any], acc: str = "clean_acc", asr: str = "asr") -> bool:
+    """Whether ``q`` is at least as good as ``p`` in both objectives and better in one."""
+    return q[acc] >= p[acc] and q[asr] <= p[asr] and (q[acc] > p[acc] or q[asr] < p[asr])
 
 
 def hypervolume(points: list[tuple[float, float]]) -> float:
@@ -94,7 +93,6 @@ def search_against_start(rows: list[dict[str, Any]], start: list[dict[str, Any]]
         start: the warm start's points in order, each as the resolved defense and hyperparameters of its trial
             (``{"defense": ..., "params": {...}}``); with the defaults included, they come first.
     """
-    front_ids = {r["trial_id"] for r in pareto_front(rows)}
     search = [r for r in rows if r.get("kind") == "search"]
 
     def origin(r: dict[str, Any]) -> str:
@@ -106,13 +104,12 @@ def search_against_start(rows: list[dict[str, Any]], start: list[dict[str, Any]]
 
     out = []
     for r in search:
-        better = [q for q in rows if q is not r and q["clean_acc"] >= r["clean_acc"] and q["asr"] <= r["asr"]
-                  and (q["clean_acc"] > r["clean_acc"] or q["asr"] < r["asr"])]
+        better = [q for q in rows if dominates(q, r)]
         # The dominating trial named is the strongest one: lowest asr, then highest clean_acc.
         by = min(better, key=lambda q: (q["asr"], -q["clean_acc"]))["trial_id"] if better else None
         out.append({"trial_id": r["trial_id"], "origin": origin(r), "defense": r["defense"],
                     "params": r["params"], "clean_acc": r["clean_acc"], "asr": r["asr"],
-                    "on_front": r["trial_id"] in front_ids, "dominated_by": by})
+                    "on_front": not better, "dominated_by": by})
     proposals = [r for r in out if r["origin"] == "proposal"]
     on = [r["trial_id"] for r in proposals if r["on_front"]]
     if not proposals:
