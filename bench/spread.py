@@ -147,6 +147,7 @@ def run_one(attack: str, arm: str, seed: int, cache: str, steps: int | None) -> 
         "metrics": metrics,
         "teacher": teacher_record(cmd),
         "commit": git_commit(),
+        "machine": machine()["cpu"],
         "process_s": round(time.perf_counter() - t0, 1),
         "load_1m": round(os.getloadavg()[0], 2),
         "command": "abd-ray " + " ".join(cmd[3:]),
@@ -170,6 +171,17 @@ def claim(path: Path) -> bool:
     return False
 
 
+def teacher_hash(record: dict) -> str:
+    return record["teacher"]["weights_sha256"][:12]
+
+
+def machine_counts(records: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in records:
+        out[machine_of(r)] = out.get(machine_of(r), 0) + 1
+    return out
+
+
 def load_records(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("zskt_*.json"))]
 
@@ -178,8 +190,21 @@ def arm_of(record: dict) -> str:
     return record.get("arm", record["defense"])
 
 
+# Records made before each run named its CPU: all on the machine of the RESULTS lines of that time (their
+# teachers' weights agree bit for bit, which another CPU model does not give).
+UNNAMED_MACHINE = "Intel(R) Xeon(R) Processor"
+
+
+def machine_of(record: dict) -> str:
+    return record.get("machine", UNNAMED_MACHINE)
+
+
 def table(records: list[dict], seeds: list[int], arms: tuple[str, ...] = DEFENSES) -> str:
-    """The spread (or ablation) section: mean +- std (n) of clean_acc and asr per cell, and what remains to run."""
+    """The spread (or ablation) section: mean +- std (n) of clean_acc and asr per cell and teacher, and what
+    remains to run.
+
+    A cell's runs are pooled per teacher weights: one spec trains to other weights on another CPU model, and a
+    mean over seeds is a mean over the student's draws at one teacher."""
     from abd_ray.stats import format_mean_std
 
     records = [r for r in records if arm_of(r) in arms and r["seed"] in seeds]
@@ -198,7 +223,8 @@ def table(records: list[dict], seeds: list[int], arms: tuple[str, ...] = DEFENSE
         "default budget, one fresh teacher cache; the run seed changes the student, the synthesis and the defense, "
         "not the teacher, whose seed is `teacher_seed` = 0). Cells: mean +- sample std (n runs), min..max.",
         "",
-        f"Commit(s): {', '.join(commits)}; {machine_line(machine())}.",
+        f"Commit(s): {', '.join(commits)}; rendered on {machine_line(machine())}; runs made on "
+        + "; ".join(f"{m} ({n} run{'s' * (n != 1)})" for m, n in sorted(machine_counts(records).items())) + ".",
         "",
         *(["Arms: " + "; ".join(f"`{a}` = `--defense {ARMS[a][0]}{' ' if ARMS[a][1] else ''}"
                                  f"{' '.join(ARMS[a][1])}`" for a in arms) + ".", ""] if ablation else []),
@@ -207,17 +233,18 @@ def table(records: list[dict], seeds: list[int], arms: tuple[str, ...] = DEFENSE
     ]
     for a in ATTACKS:
         for d in arms:
-            rs = sorted((r for r in records if r["attack"] == a and arm_of(r) == d), key=lambda r: r["seed"])
-            if not rs:
+            cell = [r for r in records if r["attack"] == a and arm_of(r) == d]
+            if not cell:
                 lines.append(f"| {a} | {d} | n/a | | n/a | | none yet | |")
                 continue
-            ca = [r["metrics"]["clean_acc"] for r in rs]
-            asr = [r["metrics"]["asr"] for r in rs]
-            hashes = sorted({r["teacher"]["weights_sha256"][:12] for r in rs})
-            lines.append(
-                f"| {a} | {d} | {format_mean_std(ca)} | {min(ca):.1f}..{max(ca):.1f} | {format_mean_std(asr)} | "
-                f"{min(asr):.1f}..{max(asr):.1f} | {','.join(str(r['seed']) for r in rs)} | {', '.join(hashes)} |"
-            )
+            for h in sorted({teacher_hash(r) for r in cell}, key=lambda h: -sum(teacher_hash(r) == h for r in cell)):
+                rs = sorted((r for r in cell if teacher_hash(r) == h), key=lambda r: r["seed"])
+                ca = [r["metrics"]["clean_acc"] for r in rs]
+                asr = [r["metrics"]["asr"] for r in rs]
+                lines.append(
+                    f"| {a} | {d} | {format_mean_std(ca)} | {min(ca):.1f}..{max(ca):.1f} | {format_mean_std(asr)} | "
+                    f"{min(asr):.1f}..{max(asr):.1f} | {','.join(str(r['seed']) for r in rs)} | {h} |"
+                )
     if ablation:
         from abd_ray.study.report import sr_effect, sr_effect_lines
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -388,6 +389,25 @@ def test_the_ablation_table_says_whether_sr_earns_its_place():
     assert "Does SR" not in spread.table(records, [0], spread.DEFENSES)  # the spread has no sv arm
 
 
+def test_the_spread_table_pools_seeds_per_teacher_weights():
+    """One teacher spec trains to other weights on another CPU model: bench/spread.py gives such runs their own
+    row, and names the machines the runs were made on."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import spread
+
+    def rec(seed, asr, weights, **machine):
+        return {"attack": "blend", "arm": "none", "defense": "none", "seed": seed, "commit": "abc", **machine,
+                "metrics": {"clean_acc": 95.0, "asr": asr}, "process_s": 1.0, "teacher": {"weights_sha256": weights}}
+
+    records = [rec(0, 90.0, "a" * 64), rec(1, 80.0, "a" * 64), rec(2, 10.0, "b" * 64, machine="Other CPU")]
+    md = spread.table(records, [0, 1, 2], spread.DEFENSES)
+    assert "| blend | none | 95.0 +- 0.0 (2) | 95.0..95.0 | 85.0 +- 7.1 (2) | 80.0..90.0 | 0,1 | aaaaaaaaaaaa |" in md
+    assert "| blend | none | 95.0 (1) | 95.0..95.0 | 10.0 (1) | 10.0..10.0 | 2 | bbbbbbbbbbbb |" in md
+    assert f"runs made on {spread.UNNAMED_MACHINE} (2 runs); Other CPU (1 run)." in md
+
+
 # --- conditional spaces, the warm start, deterministic twins ---------------------------------------------------
 
 SR_SPACE = {"coef": {"low": 0.5, "high": 8.0, "log": True}, "sr": {"choices": [True, False]},
@@ -506,6 +526,28 @@ def test_twins_share_a_key_and_a_finished_one_answers_the_other(tmp_path):
     assert yaml.safe_load(d[REUSED_RESULT]) == {"clean_acc": 90.0, "asr": 5.0, "final": 1, "step": 10}
     two.on_trial_complete("d", {"clean_acc": 90.0, "asr": 5.0, "final": 1, "step": 10})
     assert len((tmp_path / "store.jsonl").read_text().splitlines()) == 1  # a reused trial adds no record
+
+
+def test_a_store_answers_only_with_trials_computed_on_this_machines_chip(tmp_path, monkeypatch):
+    """Equal configs give equal results on one kind of chip only: a record made on another CPU model (or torch)
+    answers no trial here, and a trial run here records this machine's chip."""
+    pytest.importorskip("optuna")
+    import abd_ray.engine.repro as repro
+    from abd_ray.study.search import REUSED_FROM, ReuseStore, StudySearcher, trial_key
+
+    (cfg,) = StudySpec.from_dict(BASE).grid_configs()
+    path = tmp_path / "store.jsonl"
+    result = {"clean_acc": 90.0, "asr": 5.0, "final": 1, "step": 10}
+    monkeypatch.setattr(repro, "cpu_model", lambda: "Other CPU")
+    ReuseStore(str(path)).add(trial_key(cfg), "elsewhere/a", result)
+    monkeypatch.setattr(repro, "cpu_model", lambda: "This CPU")
+    here = StudySearcher([dict(cfg)], {}, 0, "s", None, reuse_store=str(path))
+    assert REUSED_FROM not in here.suggest("b")  # the other CPU's figure is not this machine's
+    here.on_trial_complete("b", result)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["platform"].split(";")[0] for r in records] == ["Other CPU", "This CPU"]
+    again = StudySearcher([dict(cfg)], {}, 0, "s2", None, reuse_store=str(path))
+    assert again.suggest("c")[REUSED_FROM] == "s/b"
 
 
 def test_the_report_shows_what_the_defense_saw():

@@ -9,11 +9,15 @@ kernels are picked at run time and atomics reorder sums, torch's deterministic a
 kernels. On the CPU it stays off: torch's CPU kernels at a fixed thread count repeat run to run, and the mode
 swaps some of them for others (per torch's documentation, an accumulating ``index_put_``), which would risk moving
 the figures that earlier CPU runs were made with.
+
+The float order is fixed on one kind of chip only: another CPU model (or GPU) picks other kernels, so the same
+spec trains to other last bits, and from there to other figures. The chip is part of :func:`environment`.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,12 +40,31 @@ def cpu_threads(shape: tuple[int, ...]) -> int:
     return 1 if n <= SMALL_INPUT else LARGE_INPUT_THREADS
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's ``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def processor(device: torch.device) -> str:
+    """The chip that does a run's float work on ``device``: the GPU's name on CUDA, else the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
 def environment(device: torch.device, shape: tuple[int, ...]) -> dict[str, Any]:
     """What a result trained under :func:`fixed_float_order` depends on beyond its spec (``deterministic``:
-    whether torch's deterministic algorithms are on)."""
+    whether torch's deterministic algorithms are on; ``processor``: the chip, whose kernels order the floats)."""
     return {
         "torch": torch.__version__,
         "device": device.type,
+        "processor": processor(device),
         "threads": cpu_threads(shape),
         "deterministic": device.type == "cuda",
     }

@@ -194,28 +194,45 @@ class ReuseStore:
     """Finished trials by :func:`trial_key`, shared by studies (a JSON-lines file), so that a rerun of a
     benchmark pays only for trials whose resolved config or science changed.
 
+    Equal keys give equal results on one kind of chip only (:mod:`abd_ray.engine.repro`), so each record holds the
+    chip and torch it was computed with, and a store answers only with the records of this machine's.
+
     Args:
         path: the file; created on the first record.
+        device: where the trials run here, ``"cpu"`` or ``"cuda"`` (a study's resources: GPUs or none).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, device: str = "cpu") -> None:
         self.path = str(path)
+        self.device = device
+
+    def platform(self) -> str:
+        """The chip and torch of this machine's trials: what a record must have been computed with to answer."""
+        import torch
+
+        from abd_ray.engine.repro import processor
+
+        dev = torch.device("cuda" if self.device == "cuda" and torch.cuda.is_available() else "cpu")
+        return f"{processor(dev)}; torch {torch.__version__}"
 
     def read(self) -> dict[str, dict[str, Any]]:
         out = {}
+        here = self.platform()
         p = Path(self.path)
         for line in p.read_text().splitlines() if p.exists() else []:
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue  # a line cut by a killed driver
-            out[rec["key"]] = rec
+            if rec.get("platform") == here:
+                out[rec["key"]] = rec
         return out
 
     def add(self, key: str, source: str, result: dict[str, Any]) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        rec = {"key": key, "source": source, "result": result, "platform": self.platform()}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"key": key, "source": source, "result": result}) + "\n")
+            f.write(json.dumps(rec) + "\n")
 
 
 class StudySearcher(Searcher):
@@ -235,10 +252,12 @@ class StudySearcher(Searcher):
         study: the study's name.
         study_dir: the study folder (its ``optuna.db``).
         reuse_store: a :class:`ReuseStore` file of finished trials shared with other studies.
+        device: where the trials run, ``"cpu"`` or ``"cuda"``: the records of ``reuse_store`` that may answer.
     """
 
     def __init__(self, fixed: list[dict[str, Any]], cells: dict[str, OptunaSearch], num_samples: int,
-                 study: str = "", study_dir: str | None = None, reuse_store: str | None = None) -> None:
+                 study: str = "", study_dir: str | None = None, reuse_store: str | None = None,
+                 device: str = "cpu") -> None:
         super().__init__(metric=None, mode=None)
         self.fixed = sorted(fixed, key=lambda c: c.get("defense") == "none")  # stable: the grid's order otherwise
         self.cells = cells
@@ -250,8 +269,9 @@ class StudySearcher(Searcher):
         self.owner: dict[str, str | None] = {}  # trial id -> cell (None: a fixed trial)
         self.fixed_of: dict[str, int] = {}  # trial id -> index into ``fixed``
         self.reuse_store = reuse_store
+        self.device = device
         # trial key -> {"source", "result"}: this study's finished trials and the store's
-        self.finished: dict[str, dict[str, Any]] = ReuseStore(reuse_store).read() if reuse_store else {}
+        self.finished: dict[str, dict[str, Any]] = ReuseStore(reuse_store, device).read() if reuse_store else {}
         self.key_of: dict[str, str] = {}  # trial id -> trial key
         self.reused_of: dict[str, str] = {}  # trial id -> the trial it reuses
 
@@ -302,7 +322,7 @@ class StudySearcher(Searcher):
         rec = final_record(result)
         self.finished[key] = {"source": source, "result": rec}
         if self.reuse_store:
-            ReuseStore(self.reuse_store).add(key, source, rec)
+            ReuseStore(self.reuse_store, self.device).add(key, source, rec)
 
     def _tag_last_trial(self, study_name: str, trial_id: str, attrs: dict[str, Any] | None = None) -> None:
         """Tag the Optuna trial just asked for with Tune's id, so a failure's reason can be attached to it later
@@ -380,7 +400,8 @@ class StudySearcher(Searcher):
             # trusted: the searcher's own state in the study folder, beside Ray's pickled experiment state
             state = pickle.load(f)  # safe-load: written by this driver, not user input
         # A searcher saved before it kept finished trials answers no twin from them, and runs as before.
-        self.__dict__.update({"reuse_store": None, "finished": {}, "key_of": {}, "reused_of": {}, **state})
+        self.__dict__.update({"reuse_store": None, "device": "cpu", "finished": {}, "key_of": {}, "reused_of": {},
+                             **state})
 
 
 def close_orphans(study_dir: str, study_names: list[str]) -> int:

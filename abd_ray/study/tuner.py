@@ -80,7 +80,8 @@ def make_tuner(spec: StudySpec, state: dict[str, Any], folder: StudyFolder, echo
     delete_studies(str(folder), optuna_names(spec))
     searchers = cell_searchers(spec, str(folder), cells) if cells else {}
     searcher = StudySearcher(fixed, searchers, spec.search.num_samples if spec.search else 0, spec.name,
-                             str(folder), reuse_store=state.get("reuse_store"))
+                             str(folder), reuse_store=state.get("reuse_store"),
+                             device="cuda" if spec.gpu > 0 else "cpu")
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
