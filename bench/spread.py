@@ -199,12 +199,13 @@ def machine_of(record: dict) -> str:
     return record.get("machine", UNNAMED_MACHINE)
 
 
-def table(records: list[dict], seeds: list[int], arms: tuple[str, ...] = DEFENSES) -> str:
+def table(records: list[dict], seeds: list[int], arms: tuple[str, ...] = DEFENSES, replica: str | None = None) -> str:
     """The spread (or ablation) section: mean +- std (n) of clean_acc and asr per cell and teacher, and what
     remains to run.
 
     A cell's runs are pooled per teacher weights: one spec trains to other weights on another CPU model, and a
-    mean over seeds is a mean over the student's draws at one teacher."""
+    mean over seeds is a mean over the student's draws at one teacher. ``replica``: the records' folder, for a
+    section of runs repeated apart from the main records (another machine's teachers)."""
     from abd_ray.stats import format_mean_std
 
     records = [r for r in records if arm_of(r) in arms and r["seed"] in seeds]
@@ -213,7 +214,11 @@ def table(records: list[dict], seeds: list[int], arms: tuple[str, ...] = DEFENSE
     commits = sorted({r["commit"] or "?" for r in records})
     ablation = arms != DEFENSES
     arm_flags = f" --arms {' '.join(arms)}" if ablation else ""
+    if replica:
+        arm_flags += f" --out {replica}"
     title = "Defense ablation (zskt, digits)" if ablation else "Spread over run seeds (zskt, digits)"
+    if replica:
+        title += f", repeated in {replica}"
     lines = [
         f"## {title}" + (" -- PARTIAL" if todo else ""),
         "",
@@ -265,6 +270,12 @@ def table(records: list[dict], seeds: list[int], arms: tuple[str, ...] = DEFENSE
     return "\n".join(lines) + "\n"
 
 
+def section_name(arms: tuple[str, ...], replica: str | None = None) -> str:
+    """The RESULTS.md section of a run of this benchmark: ``spread``, ``ablation``, or a replica's own."""
+    name = "spread" if arms == DEFENSES else "ablation"
+    return f"{name}_{Path(replica).name}" if replica else name
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0-4", help="run seeds, e.g. 0-4 or 0,3 (default 0-4)")
@@ -272,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="defense arms (default: none abd, the spread); more arms write the ablation section")
     p.add_argument("--resume", action="store_true", help="skip the runs already recorded under --out")
     p.add_argument("--cache", default=str(ROOT / ".abd_ray" / "spread_cache"), help="teacher cache of the runs")
-    p.add_argument("--out", default=str(OUT), help="folder of the per-run records")
+    p.add_argument("--out", default=str(OUT),
+                   help="folder of the per-run records; another folder writes its own RESULTS.md section")
     p.add_argument("--steps", type=int, default=None, help="distillation steps (default: the digits budget)")
     p.add_argument("--render", action="store_true", help="only rewrite the RESULTS.md section from the records")
     p.add_argument("--smoke-test", action="store_true", help="two runs of 5 steps into a temporary folder")
@@ -304,10 +316,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 path.with_suffix(".claim").unlink(missing_ok=True)
             print(json.dumps(rec, sort_keys=True), flush=True)
-    md = table(load_records(out), seeds, arms)
+    replica = None if out.resolve() == OUT.resolve() else os.path.relpath(out, ROOT)
+    md = table(load_records(out), seeds, arms, replica)
     print(md)
     if not args.smoke_test:
-        update_section("spread" if arms == DEFENSES else "ablation", md)
+        update_section(section_name(arms, replica), md)
     return 0
 
 
