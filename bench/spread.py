@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -175,13 +176,6 @@ def teacher_hash(record: dict) -> str:
     return record["teacher"]["weights_sha256"][:12]
 
 
-def machine_counts(records: list[dict]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in records:
-        out[machine_of(r)] = out.get(machine_of(r), 0) + 1
-    return out
-
-
 def load_records(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("zskt_*.json"))]
 
@@ -229,7 +223,8 @@ def table(records: list[dict], seeds: list[int], arms: tuple[str, ...] = DEFENSE
         "not the teacher, whose seed is `teacher_seed` = 0). Cells: mean +- sample std (n runs), min..max.",
         "",
         f"Commit(s): {', '.join(commits)}; rendered on {machine_line(machine())}; runs made on "
-        + "; ".join(f"{m} ({n} run{'s' * (n != 1)})" for m, n in sorted(machine_counts(records).items())) + ".",
+        + "; ".join(f"{m} ({n} run{'s' * (n != 1)})" for m, n in sorted(Counter(map(machine_of, records)).items()))
+        + ".",
         "",
         *(["Arms: " + "; ".join(f"`{a}` = `--defense {ARMS[a][0]}{' ' if ARMS[a][1] else ''}"
                                  f"{' '.join(ARMS[a][1])}`" for a in arms) + ".", ""] if ablation else []),
@@ -242,8 +237,9 @@ def table(records: list[dict], seeds: list[int], arms: tuple[str, ...] = DEFENSE
             if not cell:
                 lines.append(f"| {a} | {d} | n/a | | n/a | | none yet | |")
                 continue
-            for h in sorted({teacher_hash(r) for r in cell}, key=lambda h: -sum(teacher_hash(r) == h for r in cell)):
-                rs = sorted((r for r in cell if teacher_hash(r) == h), key=lambda r: r["seed"])
+            cell.sort(key=lambda r: r["seed"])
+            for h in dict.fromkeys(map(teacher_hash, cell)):  # teachers in the order of their first seed
+                rs = [r for r in cell if teacher_hash(r) == h]
                 ca = [r["metrics"]["clean_acc"] for r in rs]
                 asr = [r["metrics"]["asr"] for r in rs]
                 lines.append(
