@@ -43,9 +43,10 @@ def cpu_threads(shape: tuple[int, ...]) -> int:
 def cpu_model() -> str:
     """The CPU's model name (Linux's ``/proc/cpuinfo``; the platform's processor string elsewhere)."""
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
