@@ -54,10 +54,10 @@ PY = sys.executable
 def machine() -> dict[str, Any]:
     import torch
 
-    from abd_ray.engine.repro import cpu_model
+    from abd_ray.engine.repro import processor
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": processor(torch.device("cpu")), "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "gpu": gpu, "date": _dt.date.today().isoformat()}
 
 

@@ -48,6 +48,7 @@ def _paper_sr() -> dict:
 # The paper's SV shuffles its last 5 "conv"-named layers of 16; the digits CNNs have 3 convolutions and no such
 # names, so the paper arms keep the share of the depth (the last 1 of 3) to stay comparable.
 _DIGITS_DEPTH = ["--set", "defense.layer_count=all_convs", "--set", "defense.n_shuf_layer=auto"]
+_WRN_PAIR = ["--teacher-arch", "wrn16_2", "--student-arch", "wrn16_1"]
 # An arm: the defense and the extra ``abd-ray distill`` flags that set its form. A plain defense name runs the
 # defense at its defaults, so the spread's records are the ablation's none and abd arms. ``-paper`` arms run the
 # published code's forms (abd_ray/profiles.py): ``sr-paper`` / ``abd-srpaper`` only SR's (beside today's SV), the
@@ -64,6 +65,14 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "abd-srpaper90": ("abd", _sets({**_paper_sr(), "sr_start": 0.9})),
     # A stronger vaccine: the top of the search benchmark's coef grid (bench/RESULTS.md, "Search efficiency").
     "sv-coef10": ("sv", _sets({"coef": 10.0})),
+    # The vaccine's fixed-data reweighting on the generator's outputs too: suspect samples teach the student nothing
+    # (drop) or are pushed away up to a cap (capped).
+    "sv-gendrop": ("sv", _sets({"gen_mode": "drop"})),
+    "sv-gencapped": ("sv", _sets({"gen_mode": "capped"})),
+    # The paper's pair on digits (16 convolutions, so the vaccine shuffles the last 5 of them as the paper does).
+    "none-wrn": ("none", _WRN_PAIR),
+    "sv-wrn": ("sv", _WRN_PAIR),
+    "abd-wrn": ("abd", _WRN_PAIR),
     "none-paper": ("none", ["--profile", "paper"]),
     "sv-paper": ("sv", ["--profile", "paper", *_DIGITS_DEPTH]),
     "abd-paper": ("abd", ["--profile", "paper", *_DIGITS_DEPTH]),
@@ -212,7 +221,7 @@ def table(records: list[dict], seeds: list[int], arms: tuple[str, ...] = DEFENSE
         arm_flags += f" --out {replica}"
     title = "Defense ablation (zskt, digits)" if ablation else "Spread over run seeds (zskt, digits)"
     if replica:
-        title += f", repeated in {replica}"
+        title += f", records in {replica}"
     lines = [
         f"## {title}" + (" -- PARTIAL" if todo else ""),
         "",
@@ -277,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0-4", help="run seeds, e.g. 0-4 or 0,3 (default 0-4)")
     p.add_argument("--arms", nargs="+", default=list(DEFENSES), choices=sorted(ARMS),
                    help="defense arms (default: none abd, the spread); more arms write the ablation section")
+    p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS,
+                   help="run these triggers only (the table still lists every trigger's cells)")
     p.add_argument("--resume", action="store_true", help="skip the runs already recorded under --out")
     p.add_argument("--cache", default=str(ROOT / ".abd_ray" / "spread_cache"), help="teacher cache of the runs")
     p.add_argument("--out", default=str(OUT),
@@ -299,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             [("badnet_grid", "none", 0), ("badnet_grid", "abd", 0)],
         )
     else:
-        todo = runs(seeds, arms)
+        todo = [r for r in runs(seeds, arms) if r[0] in args.attacks]
     out.mkdir(parents=True, exist_ok=True)
     if not args.render:
         for attack, defense, seed in todo:

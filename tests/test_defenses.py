@@ -210,6 +210,26 @@ def test_student_loss_reweights_only_on_fixed_data():
     assert 0.0 <= fixed.metrics()["sv_masked_frac"] <= 1.0
 
 
+def test_gen_mode_reweights_the_generators_outputs_as_fixed_data():
+    teacher = _cnn()
+    x = torch.rand(32, 1, 8, 8)
+    per = torch.rand(32)
+    for mode in ("drop", "capped", "ascent"):
+        d = build_defense("sv", {"gen_mode": mode})
+        d.bind(teacher, _cnn("cnn_s"), (1, 8, 8), 10, 100, torch.Generator().manual_seed(0), fixed_data=False)
+        with torch.no_grad():
+            u = d.suspect(x)
+        # the teacher agrees with the suspect on the odd rows only: both groups present
+        t = u + 100 * F.one_hot((u.argmax(1) + 1 - torch.arange(32) % 2) % 10, 10)
+        m = suspect_mask(t, u)
+        assert m.tolist() == [False, True] * 16
+        want = reweighted_loss(per, m, d.params["coef"], mode, cap=math.log(10))
+        assert torch.allclose(d.student_loss(per, Batch(x, t)), want)
+        assert d.generator_term(Batch(x, t)) is not None  # the generator term stays
+    with pytest.raises(ValueError, match="gen_mode='ignore' is not allowed"):
+        build_defense("sv", {"gen_mode": "ignore"})
+
+
 # --- the vaccine check -----------------------------------------------------------------------------------------------
 
 

@@ -545,9 +545,13 @@ def test_a_store_answers_only_with_trials_computed_on_this_machines_chip(tmp_pat
     assert REUSED_FROM not in here.suggest("b")  # the other CPU's figure is not this machine's
     here.on_trial_complete("b", result)
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["platform"].split(";")[0] for r in records] == ["Other CPU", "This CPU"]
+    assert [r["platform"].split(",")[0] for r in records] == ["Other CPU", "This CPU"]
     again = StudySearcher([dict(cfg)], {}, 0, "s2", None, reuse_store=str(path))
     assert again.suggest("c")[REUSED_FROM] == "s/b"
+    # one model name, another instruction set (with and without AVX-512): other kernels, so not this machine
+    monkeypatch.setattr(repro.torch.backends.cpu, "get_cpu_capability", lambda: "NOT_THIS_ISA")
+    wider = StudySearcher([dict(cfg)], {}, 0, "s3", None, reuse_store=str(path))
+    assert REUSED_FROM not in wider.suggest("d")
 
 
 def test_the_report_shows_what_the_defense_saw():

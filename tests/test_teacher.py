@@ -10,7 +10,7 @@ import torch
 
 from abd_ray.attacks import AttackSpec
 from abd_ray.config import TeacherSpec
-from abd_ray.engine.repro import cpu_model
+from abd_ray.engine.repro import cpu_model, processor
 from abd_ray.engine.teacher import (
     META,
     WEIGHTS,
@@ -143,7 +143,8 @@ def test_teacher_command_and_distill_train_the_same_weights(tmp_path, capsys):
         torch.set_num_threads(before)
     out = json.loads(capsys.readouterr().out)
     assert out["environment"]["threads"] == 1 and out["environment"]["device"] == "cpu"
-    assert out["environment"]["processor"] == cpu_model() != ""
+    assert out["environment"]["processor"] == processor(torch.device("cpu"))
+    assert cpu_model() in out["environment"]["processor"] and "kernels" in out["environment"]["processor"]
     assert not out["cached"] and out["trained_elsewhere"] == []
     cfg = RunConfig(steps=1, eval_every=1, batch_size=16, device="cpu", cache_dir=str(tmp_path / "b"))
     distill(cfg, progress=False)
@@ -169,7 +170,7 @@ def test_cache_hit_trained_elsewhere_is_used_and_named(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="processor 'Some Other CPU'"):
         assert get_teacher(spec, tmp_path, progress=False).trained_elsewhere == [
-            f"processor 'Some Other CPU' (here {cpu_model()!r})"]
+            f"processor 'Some Other CPU' (here {processor(torch.device('cpu'))!r})"]
     del meta["environment"]  # an artifact from before environments were recorded
     meta_path.write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="not recorded"):

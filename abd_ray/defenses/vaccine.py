@@ -76,6 +76,9 @@ class ShufflingVaccine(Defense):
             ``drop`` or ``ascent`` (see :func:`~abd_ray.defenses.vaccine_math.reweighted_loss`).
         fixed_cap: the per-sample loss at which ``capped`` stops pushing a masked sample away: ``"auto"``
             (default) = ln(number of classes), the KL from a confident teacher to a uniform student at T = 1.
+        gen_mode: how the student's KD treats masked samples of a generator's fresh outputs (zskt, dfad, dafl):
+            ``plain`` (default, the paper: only the generator term acts there) or one of ``fixed_mode``'s forms,
+            which adds the fixed-data reweighting (same ``coef`` and ``fixed_cap``) to the generator term.
         bank_mode: which of SV's forms act on fixed or banked data: ``synth`` (default: what each synthesizer
             does today: cmi's synthesis gets the generator term and its KD the reweighting, deepinversion the
             reweighting only, ood and clean the reweighting), ``term`` (the synthesis term only, plain KD: the
@@ -102,6 +105,7 @@ class ShufflingVaccine(Defense):
         "fixed_cap": "auto",
         "layer_count": "all_convs",
         "bank_mode": "synth",
+        "gen_mode": "plain",
     }
 
     def validate(self) -> None:
@@ -125,6 +129,7 @@ class ShufflingVaccine(Defense):
             p["fixed_cap"] = as_float("fixed_cap", p["fixed_cap"], lo=0.0, lo_open=True)
         p["layer_count"] = as_choice("layer_count", p["layer_count"], LAYER_COUNTS)
         p["bank_mode"] = as_choice("bank_mode", p["bank_mode"], BANK_MODES)
+        p["gen_mode"] = as_choice("gen_mode", p["gen_mode"], ("plain", *FIXED_MODES))
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -233,8 +238,17 @@ class ShufflingVaccine(Defense):
         self._div.append(float(d.detach().mean()))
         return term
 
+    def _student_mode(self) -> str | None:
+        """The reweighting form of the student's KD on this run's data (a ``FIXED_MODES`` name), or None: plain."""
+        if not self.active:
+            return None
+        if self.fixed_data:
+            return None if self.params["bank_mode"] == "term" else self.params["fixed_mode"]
+        return None if self.params["gen_mode"] == "plain" else self.params["gen_mode"]
+
     def student_loss(self, per_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if not (self.active and self.fixed_data) or self.params["bank_mode"] == "term":
+        mode = self._student_mode()
+        if mode is None:
             return per_sample.mean()
         x, t_logits = batch.x, batch.t_logits
         if batch.keys is not None:  # stored samples fed unchanged: the frozen suspect's logits, once per sample
@@ -244,7 +258,7 @@ class ShufflingVaccine(Defense):
         m = suspect_mask(t_logits.detach(), u)
         self._masked.append(float(m.float().mean()))
         self._div.append(float(suspect_divergence(t_logits.detach(), u).mean()))
-        return reweighted_loss(per_sample, m, self.params["coef"], self.params["fixed_mode"], self._cap)
+        return reweighted_loss(per_sample, m, self.params["coef"], mode, self._cap)
 
     def metrics(self) -> dict[str, float]:
         out = {

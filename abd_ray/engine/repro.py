@@ -53,10 +53,11 @@ def cpu_model() -> str:
 
 
 def processor(device: torch.device) -> str:
-    """The chip that does a run's float work on ``device``: the GPU's name on CUDA, else the CPU's model."""
+    """The chip that does a run's float work on ``device``: the GPU's name on CUDA, else the CPU's model and the
+    instruction set torch's kernels dispatch to (one model name covers CPUs with and without AVX-512)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return cpu_model()
+    return f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()} kernels"
 
 
 def environment(device: torch.device, shape: tuple[int, ...]) -> dict[str, Any]:
