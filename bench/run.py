@@ -105,6 +105,14 @@ def update_section(name: str, body: str) -> None:
     RESULTS_MD.write_text(text)
 
 
+def publish(name: str, rows: list[dict[str, Any]], out: str, body: str) -> None:
+    """Write a benchmark's rows to ``out`` (JSON), print its RESULTS.md section and put it in place."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(rows, indent=1))
+    print(body)
+    update_section(name, body)
+
+
 def git_commit() -> str | None:
     """The checkout's commit (short hash, ``+`` when tracked files other than the benchmarks' own outputs have
     uncommitted changes), or None outside git. A run that writes ``bench/results`` or ``RESULTS.md`` does not mark

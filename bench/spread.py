@@ -48,6 +48,7 @@ def _paper_sr() -> dict:
 # The paper's SV shuffles its last 5 "conv"-named layers of 16; the digits CNNs have 3 convolutions and no such
 # names, so the paper arms keep the share of the depth (the last 1 of 3) to stay comparable.
 _DIGITS_DEPTH = ["--set", "defense.layer_count=all_convs", "--set", "defense.n_shuf_layer=auto"]
+_AGREEMENT_CHECK = {"pseudo_test_batches": 50, "check_rule": "agreement"}
 _WRN_PAIR = ["--teacher-arch", "wrn16_2", "--student-arch", "wrn16_1"]
 # An arm: the defense and the extra ``abd-ray distill`` flags that set its form. A plain defense name runs the
 # defense at its defaults, so the spread's records are the ablation's none and abd arms. ``-paper`` arms run the
@@ -73,6 +74,16 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "none-wrn": ("none", _WRN_PAIR),
     "sv-wrn": ("sv", _WRN_PAIR),
     "abd-wrn": ("abd", _WRN_PAIR),
+    # One convolution fewer than the paper's 5: on WRN-16-2 the suspect then keeps blend and trojan_3x3's backdoors
+    # on more of their triggered images (bench/RESULTS.md, "The vaccine's suspect per shuffled depth").
+    "sv4-wrn": ("sv", [*_WRN_PAIR, *_sets({"n_shuf_layer": 4})]),
+    # The vaccine check with the agreement rule: of 8 permutation draws, the one whose suspect agrees with the
+    # teacher on the most of the run's first synthesized batches.
+    "sva": ("sv", _sets(_AGREEMENT_CHECK)),
+    "sva-wrn": ("sv", [*_WRN_PAIR, *_sets(_AGREEMENT_CHECK)]),
+    "sv4a-wrn": ("sv", [*_WRN_PAIR, *_sets({"n_shuf_layer": 4, **_AGREEMENT_CHECK})]),
+    # The same depth, and the student's KD ignores the samples the suspect flags.
+    "sv4drop-wrn": ("sv", [*_WRN_PAIR, *_sets({"n_shuf_layer": 4, "gen_mode": "drop"})]),
     "none-paper": ("none", ["--profile", "paper"]),
     "sv-paper": ("sv", ["--profile", "paper", *_DIGITS_DEPTH]),
     "abd-paper": ("abd", ["--profile", "paper", *_DIGITS_DEPTH]),

@@ -13,7 +13,6 @@ Measures only the teacher side: seconds per teacher once it is cached.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import git_commit, machine, machine_line, update_section  # noqa: E402  (bench/run.py)
+from run import git_commit, machine, machine_line, publish  # noqa: E402  (bench/run.py)
 
 
 def measure(archs: list[str], attacks: list[str], draws: int, cache: str, dataset: str) -> list[dict]:
@@ -98,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = measure(args.archs, args.attacks, args.draws, args.cache, args.dataset)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1))
-    md = render(rows, argv if argv is not None else sys.argv[1:])
-    print(md)
-    update_section("sv_detection", md)
+    publish("sv_detection", rows, args.out, render(rows, argv if argv is not None else sys.argv[1:]))
     return 0
 
 

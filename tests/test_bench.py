@@ -137,3 +137,11 @@ def test_cost_cell_runs_the_loop_with_set_overrides(digits_teacher):
                             sets=["synth.n_s=1", "batch_size=16"])
     assert "error" not in r, r
     assert r["synth"] == "zskt" and r["measured_steps"] == 1 and r["cpu_s_per_step"] > 0
+
+
+def test_rank_correlation_of_the_check_benchmark_matches_hand_computed_values():
+    sv_check = pytest.importorskip("sv_check")
+    assert sv_check.rank_corr([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert sv_check.rank_corr([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # 1 - 6 * 2 / (3 * 8)
+    assert sv_check.rank_corr([1, 1, 2], [1, 2, 3]) == pytest.approx(1.5 / 3**0.5)  # tied ranks share 0.5
+    assert sv_check.rank_corr([1, 1], [1, 2]) == 0.0

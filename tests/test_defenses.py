@@ -316,6 +316,40 @@ def test_vaccine_check_through_observe_accepts_then_reports_and_rejects_a_bad_su
     assert d.generator_term(Batch(torch.rand(2, 4, 2, 2), torch.rand(2, 4))) is None
 
 
+def test_vaccine_check_agreement_rule_keeps_the_draw_that_agrees_most_with_the_teacher():
+    """Of check_tries draws, the agreement rule keeps the one whose suspect agrees with the teacher on the most
+    collected samples (whatever its tail), and keeps SV on; the draws are the ones the run's generator gives."""
+    from abd_ray.defenses.base import child_seed
+
+    teacher = _Marked()
+    xs = [torch.rand(50, 4, 2, 2, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    d = build_defense("sv", {"pseudo_test_batches": 4, "check_skip": 2, "n_shuf_layer": 1, "n_shuf_ens": 1,
+                             "check_rule": "agreement", "check_tries": 6})
+    d.bind(teacher, teacher, (4, 2, 2), 4, 100, torch.Generator().manual_seed(1), fixed_data=False)
+    for i, x in enumerate(xs):
+        with torch.no_grad():
+            d.observe(Batch(x, teacher(x)), i)
+    # the same six draws, from the same seed
+    rng = torch.Generator().manual_seed(child_seed(torch.Generator().manual_seed(1)))
+    layers = resolve_shuffled_layers(teacher, 1)
+    collected = torch.cat(xs[2:])
+    t = teacher(collected)
+    agreements = []
+    for _ in range(6):
+        perms = draw_permutations(teacher, layers, 1, rng)
+        with torch.no_grad():
+            agreements.append(float(suspect_mask(t, ShuffledEnsemble(teacher, perms)(collected)).float().mean()))
+    assert len(set(agreements)) > 1, "the draws must differ for the test to mean anything"
+    m = d.metrics()
+    assert m["sv_check_tries"] == 6.0 and m["sv_check_accepted"] == 1.0 and m["sv_active"] == 1.0
+    assert m["sv_check_agreement"] == pytest.approx(max(agreements))
+    with torch.no_grad():
+        kept = float(suspect_mask(t, d.suspect(collected)).float().mean())
+    assert kept == pytest.approx(max(agreements))
+    with pytest.raises(ValueError, match="check_rule"):
+        build_defense("sv", {"check_rule": "best"})
+
+
 def test_detection_diagnostics_and_auc():
     assert roc_auc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
     assert roc_auc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
@@ -425,7 +459,7 @@ def test_every_defense_runs_its_hooks_and_resumes_from_its_state(name):
         ("sv", {"no_shuf_grad": "maybe"}, r"true or false"),
         ("abd", {"fixed_mode": "ignore"}, r"fixed_mode='ignore' is not allowed; allowed: drop, capped, ascent"),
         ("sv", {"fixed_cap": 0}, r"fixed_cap=0 is outside \(0.0, inf\]"),
-        ("sv", {"K": 5}, r"unknown hyperparameter.*allowed: bank_mode, check_skip, check_tries, coef, fixed_cap"),
+        ("sv", {"K": 5}, r"unknown hyperparameter.*allowed: bank_mode, check_rule, check_skip, check_tries, coef"),
         ("abd", {"bogus": 1}, r"unknown hyperparameter\(s\) \['bogus'\]; allowed: K, "),
     ],
 )

@@ -29,7 +29,7 @@ from abd_ray.defenses._params import as_bool, as_choice, as_float, as_int
 from abd_ray.defenses.base import Defense, child_seed
 from abd_ray.defenses.diagnostics import detection_diagnostics
 from abd_ray.defenses.shuffle import LAYER_COUNTS, ShuffledEnsemble, draw_permutations, resolve_shuffled_layers
-from abd_ray.defenses.vaccine_check import check_suspect
+from abd_ray.defenses.vaccine_check import CHECK_RULES, check_suspect
 from abd_ray.defenses.vaccine_math import (
     FIXED_MODES,
     masked_divergence_term,
@@ -71,6 +71,10 @@ class ShufflingVaccine(Defense):
         check_skip: synthesized batches ignored before collecting (the generator's first outputs are noise): 10.
         check_tries: permutation draws tried by the check before SV is switched off for the run: 8.
         tail_threshold: tail ratio a draw must exceed to be accepted: 0.02.
+        check_rule: how the check picks a draw: ``tail`` (default, the paper's: the first draw whose tail ratio
+            passes ``tail_threshold``, else SV is off for the run) or ``agreement``: of ``check_tries`` draws, the
+            one whose suspect agrees with the teacher on the most collected samples (the draw that keeps the
+            backdoor's shortcut where the shuffle destroyed the ordinary features); SV then stays on.
         fixed_mode: how the student's loss treats masked samples on fixed or banked data (ood, clean,
             deepinversion, cmi's bank): ``capped`` (default: the paper's ``ascent`` collapses the student),
             ``drop`` or ``ascent`` (see :func:`~abd_ray.defenses.vaccine_math.reweighted_loss`).
@@ -101,6 +105,7 @@ class ShufflingVaccine(Defense):
         "check_skip": 10,
         "check_tries": 8,
         "tail_threshold": 0.02,
+        "check_rule": "tail",
         "fixed_mode": "capped",
         "fixed_cap": "auto",
         "layer_count": "all_convs",
@@ -124,6 +129,7 @@ class ShufflingVaccine(Defense):
         p["check_skip"] = as_int("check_skip", p["check_skip"], lo=0)
         p["check_tries"] = as_int("check_tries", p["check_tries"], lo=1)
         p["tail_threshold"] = as_float("tail_threshold", p["tail_threshold"], lo=0.0, hi=1.0, hi_open=True)
+        p["check_rule"] = as_choice("check_rule", p["check_rule"], CHECK_RULES)
         p["fixed_mode"] = as_choice("fixed_mode", p["fixed_mode"], FIXED_MODES)
         if p["fixed_cap"] != "auto":
             p["fixed_cap"] = as_float("fixed_cap", p["fixed_cap"], lo=0.0, lo_open=True)
@@ -148,6 +154,7 @@ class ShufflingVaccine(Defense):
         self.check_tries = 0
         self.check_ratio = float("nan")
         self.check_accepted = False
+        self.check_agreement = float("nan")  # the kept draw's agreement with the teacher on the collected samples
         # Recent per-batch statistics, for metrics().
         self._masked: deque[float] = deque(maxlen=100)
         self._div: deque[float] = deque(maxlen=100)
@@ -201,14 +208,22 @@ class ShufflingVaccine(Defense):
         assert self.teacher is not None and self.suspect is not None, "bind() first"
         x = torch.cat(self._bank_x)
         t = torch.cat(self._bank_t)
+        kept: tuple[float, float, list[dict[int, torch.Tensor]]] | None = None  # agreement rule: the best so far
         for attempt in range(1, self.params["check_tries"] + 1):
             if attempt > 1:
                 self._build(draw_permutations(self.teacher, self.layers, self.params["n_shuf_ens"], self._rng))
             u = torch.cat([self.suspect(x[i : i + 512]).float() for i in range(0, len(x), 512)])
             ok, ratio = check_suspect(t, u, self.params["tail_threshold"])
-            self.check_tries, self.check_ratio = attempt, ratio
-            if ok:
-                break
+            agreement = float(suspect_mask(t, u).float().mean())
+            self.check_tries, self.check_ratio, self.check_agreement = attempt, ratio, agreement
+            if self.params["check_rule"] == "tail":
+                if ok:
+                    break
+            elif kept is None or agreement > kept[0]:
+                kept = (agreement, ratio, self.suspect.perms)
+        if kept is not None:
+            self.check_agreement, self.check_ratio, ok = kept[0], kept[1], True
+            self._build(kept[2])
         self.check_accepted = ok
         self.active = ok
         self._check_done = True
@@ -272,6 +287,7 @@ class ShufflingVaccine(Defense):
                 sv_check_accepted=float(self.check_accepted),
                 sv_check_tries=float(self.check_tries),
                 sv_tail_ratio=self.check_ratio if not math.isnan(self.check_ratio) else -1.0,
+                sv_check_agreement=self.check_agreement if not math.isnan(self.check_agreement) else -1.0,
             )
         return out
 
@@ -297,6 +313,7 @@ class ShufflingVaccine(Defense):
             "check_tries": self.check_tries,
             "check_ratio": self.check_ratio,
             "check_accepted": self.check_accepted,
+            "check_agreement": self.check_agreement,
             "rng": self._rng.get_state(),
         }
 
@@ -310,6 +327,7 @@ class ShufflingVaccine(Defense):
         self.check_tries = int(state["check_tries"])
         self.check_ratio = float(state["check_ratio"])
         self.check_accepted = bool(state["check_accepted"])
+        self.check_agreement = float(state.get("check_agreement", float("nan")))
         if "rng" in state:
             self._rng.set_state(torch.as_tensor(state["rng"], dtype=torch.uint8))
         self._seen, self._bank_x, self._bank_t = 0, [], []

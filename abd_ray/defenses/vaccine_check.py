@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 from abd_ray.losses import kl_rows
 
+# How the vaccine check picks a permutation draw (ShufflingVaccine's ``check_rule``).
+CHECK_RULES = ("tail", "agreement")
+
 
 def tail_ratio(values: torch.Tensor, n_std: float = 3.0) -> float:
     """Fraction of ``values`` below ``mean - n_std * std`` (0 when they do not vary)."""
