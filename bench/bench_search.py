@@ -16,6 +16,8 @@ The grid runs through the same runner, its points handed to the study as fixed t
 starts from the product's warm start (the defense's defaults, then coef's low and high ends; ``--no-warm-start``:
 the sampler alone); the warm start's corners are grid points, so they are answered from the grid's trials.
 Hypervolume: reference point (clean_acc 0, asr 100), both in percent, so the largest possible value is 10,000.
+``--pair`` picks the teacher -> student pair: ``cnn`` (the embedded default, cnn_l -> cnn_s) or ``wrn`` (the
+paper's WRN-16-2 -> WRN-16-1, whose vaccine shuffles the last 5 of 16 convolutions); each pair has its own table.
 
 Trials are deterministic, so every study of the benchmark shares one record of finished trials keyed by resolved
 config and science code (``bench/results/search_trials.jsonl``, :class:`abd_ray.study.search.ReuseStore`): a
@@ -61,6 +63,9 @@ SPACES = {
     inner_round: {{low: 10, high: 20, when: {{sr_start: {sr_on}}}}}
 """,
 }
+# The teacher -> student pair of each ``--pair``, and what the vaccine's ``auto`` layer count means on its teacher.
+PAIRS = {"cnn": ("cnn_l", "cnn_s", "the last of cnn_l's 3 convolutions"),
+         "wrn": ("wrn16_2", "wrn16_1", "the last 5 of wrn16_2's 16 convolutions")}
 # The defense each space searches.
 SPACE_DEFENSE = {"coef": "sv", "sv": "sv", "abd": "abd"}
 # The coef space's grid: 10 ** (k / 8), k = 0..8, rounded to 3 significant digits (1 and 10 exact).
@@ -68,7 +73,8 @@ COEF_GRID = tuple(float(f"{10 ** (k / 8):.3g}") for k in range(9))
 
 
 def study_yaml(name: str, sampler: str, n: int, seed: int, steps: int, sr_on: float, concurrent: int,
-               space: str = "abd", warm_start: bool = False) -> str:
+               space: str = "abd", warm_start: bool = False, pair: str = "cnn") -> str:
+    teacher, student, _ = PAIRS[pair]
     return f"""name: {name}
 mode: search
 dataset: digits
@@ -76,6 +82,8 @@ attacks: [badnet_grid]
 synthesizers: [zskt]
 defenses: []
 seeds: [{seed}]
+teacher: {{arch: {teacher}}}
+student: {{arch: {student}}}
 budget: {{steps: {steps}, eval_every: {steps // 2}, batch_size: 64}}
 resources: {{cpu: 1, gpu: 0}}
 max_concurrent: {concurrent}
@@ -159,13 +167,17 @@ def rows_of(study_dir: Path) -> list[dict[str, Any]]:
 def search_main(args: argparse.Namespace, argv: list[str]) -> None:
     import run as R  # bench/run.py (on sys.path)
 
+    if args.pair != "cnn" and args.space != "coef":
+        raise SystemExit(f"--pair {args.pair} runs the coef space only (the sv space's layer choices are cnn_l's): "
+                         "drop --space or use --pair cnn")
     steps = 10 if args.smoke else args.steps
     n = 2 if args.smoke else args.trials
     seeds = [0] if args.smoke else [int(s) for s in args.seeds.split(",")]
     samplers = ["tpe"] if args.smoke else args.samplers.split(",")
     warm = not args.no_warm_start
-    # One table per space: the abd space's runs (without the warm start) stay in search.json.
+    # One table per space and pair: the abd space's runs (without the warm start) stay in search.json.
     name = "search" if args.space == "abd" else f"search_{args.space}"
+    name += "" if args.pair == "cnn" else f"_{args.pair}"
     work = Path(tempfile.mkdtemp(prefix="abd-bench-search-"))
     out_json = R.RESULTS / (f"{name}_smoke.json" if args.smoke else f"{name}.json")
     store = None if args.no_reuse else R.RESULTS / f"search_trials{'_smoke' if args.smoke else ''}.jsonl"
@@ -174,15 +186,16 @@ def search_main(args: argparse.Namespace, argv: list[str]) -> None:
     if keep and not args.render:
         # Runs at another budget or start are not comparable: refuse to mix them into one table.
         asked = {"steps": steps, "sr_on": args.sr_on, "trials_per_sampler": n, "space": args.space,
-                 "warm_start": warm}
-        held = {k: doc.get(k, {"space": "abd", "warm_start": False}.get(k)) for k in asked}
+                 "warm_start": warm, "pair": args.pair}
+        held = {k: doc.get(k, {"space": "abd", "warm_start": False, "pair": "cnn"}.get(k)) for k in asked}
         if any(held[k] is not None and held[k] != asked[k] for k in held):
             raise SystemExit(f"{out_json} holds runs at {held}, this command asks for {asked}: rerun with the same "
                              "--steps/--sr-on/--trials/--space/--no-warm-start to add runs, or without --resume to "
                              "start a new table")
     if not args.render:
         doc.update({"machine": R.machine(), "command": R.cmdline(argv), "steps": steps, "sr_on": args.sr_on,
-                    "trials_per_sampler": n, "seeds": seeds, "space": args.space, "warm_start": warm})
+                    "trials_per_sampler": n, "seeds": seeds, "space": args.space, "warm_start": warm,
+                    "pair": args.pair})
     doc.setdefault("runs", {})
     grid = grid_points(args.sr_on, args.space)[: (2 if args.smoke else None)]
     for seed in ([] if args.render else seeds):
@@ -196,7 +209,7 @@ def search_main(args: argparse.Namespace, argv: list[str]) -> None:
             # The grid's study file asks for one search trial (a search study needs one); run_study caps the study
             # at the grid's points, so it never runs.
             f.write_text(study_yaml(study, sampler or "random", 1 if sampler is None else n, seed, steps,
-                                    args.sr_on, args.concurrent, args.space, warm))
+                                    args.sr_on, args.concurrent, args.space, warm, args.pair))
             t0, l0 = time.perf_counter(), R.load()
             study_dir = run_study(f, work / "studies", args.cache, grid if sampler is None else None, store,
                                   defense=SPACE_DEFENSE[args.space])
@@ -275,7 +288,9 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.axhline(0.95 * g, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("finished trials")
     ax.set_ylabel("hypervolume (clean_acc, asr), ref (0, 100)")
-    ax.set_title(f"digits/badnet_grid/zskt, {doc.get('space', 'abd')} space, {doc['steps']} steps/trial")
+    teacher, student, _ = PAIRS[doc.get("pair", "cnn")]
+    ax.set_title(f"digits/badnet_grid/zskt, {teacher} -> {student}, {doc.get('space', 'abd')} space, "
+                 f"{doc['steps']} steps/trial", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -290,15 +305,16 @@ def markdown(doc: dict[str, Any], png: Path) -> str:
     seeds = sorted({r["seed"] for r in runs.values()})
     grid_n = max((len(r["hv"]) for r in runs.values() if r["label"] == "grid"), default=0)
     space, warm = doc.get("space", "abd"), doc.get("warm_start", False)
+    teacher, student, auto_layers = PAIRS[doc.get("pair", "cnn")]
     if space == "coef":
         about = (f"Reduced budget: {doc['steps']} steps per trial (the digits default is 3000). Space: the "
                  "vaccine's strength alone, as the quickstart searches it (`search.defense: sv`), coef in [1, 10] "
-                 "(log); the vaccine's other hyperparameters at their defaults (n_shuf_layer auto = the last of "
-                 f"cnn_l's 3 convolutions). Grid: coef {' / '.join(f'{c:g}' for c in COEF_GRID)}, {grid_n} points.")
+                 "(log); the vaccine's other hyperparameters at their defaults (n_shuf_layer auto = "
+                 f"{auto_layers}). Grid: coef {' / '.join(f'{c:g}' for c in COEF_GRID)}, {grid_n} points.")
     elif space == "sv":
         about = (f"Reduced budget: {doc['steps']} steps per trial (the digits default is 3000). Space: the vaccine "
-                 "alone (`search.defense: sv`), coef in [0.1, 10] (log) x n_shuf_layer in {auto (= the last of "
-                 f"cnn_l's 3 convolutions), 2, 3}}. Grid: coef 0.1/1/10 x n_shuf_layer auto/2/3, {grid_n} points.")
+                 "alone (`search.defense: sv`), coef in [0.1, 10] (log) x n_shuf_layer in {auto (= "
+                 f"{auto_layers}), 2, 3}}. Grid: coef 0.1/1/10 x n_shuf_layer auto/2/3, {grid_n} points.")
     else:
         about = (f"Reduced budget: {doc['steps']} steps per trial (the digits default is 3000), SR on = `sr_start` "
                  f"{doc['sr_on']} (SR for the last {round((1 - doc['sr_on']) * doc['steps'])} steps), SR off = "
@@ -309,7 +325,9 @@ def markdown(doc: dict[str, Any], png: Path) -> str:
              f"then coef at {' and at '.join(f'{c:g}' for c in ends)} (both grid points, answered from the grid's "
              f"trials), then {max(0, doc['trials_per_sampler'] - 1 - len(ends))} proposals of its own." if warm else
              "No warm start (`include_defaults: false`): every trial is the sampler's own.")
-    lines = [f"## Search efficiency: hypervolume vs finished trials (digits, badnet_grid, zskt, {space} space)", "",
+    pair = "" if doc.get("pair", "cnn") == "cnn" else f"{teacher} -> {student}, "
+    lines = [f"## Search efficiency: hypervolume vs finished trials (digits, badnet_grid, zskt, {pair}{space} space)",
+             "",
              "Commands (in the order they ran; with `--resume` each adds the runs that the results file lacks):", "",
              *[f"    {c}" for c in dict.fromkeys(r.get("command", doc["command"]) for r in runs.values())], "",
              f"Machine: {R.machine_line(doc['machine'])}", "",
@@ -387,6 +405,9 @@ def register(sub) -> dict[str, Any]:
     p.add_argument("--space", choices=sorted(SPACES), default="coef",
                    help="the searched space: coef (the vaccine's strength, as the quickstart), sv (coef and the "
                         "vaccine's layer count) or abd (with SR on/off)")
+    p.add_argument("--pair", choices=sorted(PAIRS), default="cnn",
+                   help="the teacher -> student pair: cnn (cnn_l -> cnn_s, the embedded default) or wrn (wrn16_2 -> "
+                        "wrn16_1, the paper's; with the coef space only)")
     p.add_argument("--no-warm-start", action="store_true",
                    help="the sampler alone, without the defaults and coef's ends enqueued first")
     p.add_argument("--no-reuse", action="store_true",

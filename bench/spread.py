@@ -87,6 +87,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "none-paper": ("none", ["--profile", "paper"]),
     "sv-paper": ("sv", ["--profile", "paper", *_DIGITS_DEPTH]),
     "abd-paper": ("abd", ["--profile", "paper", *_DIGITS_DEPTH]),
+    # Every published form on the paper's pair: its vaccine finds its last 5 "conv"-named layers of 16 itself.
+    "none-paper-wrn": ("none", ["--profile", "paper", *_WRN_PAIR]),
+    "abd-paper-wrn": ("abd", ["--profile", "paper", *_WRN_PAIR]),
 }
 OUT = HERE / "results" / "spread"
 

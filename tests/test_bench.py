@@ -59,6 +59,20 @@ def test_the_grid_holds_the_warm_start_corners(tmp_path, space, low, extra):
         assert quick["defense"] == "sv" and quick["space"] == {"coef": {"low": 1.0, "high": 10.0, "log": True}}
 
 
+def test_the_wrn_pair_study_distills_the_papers_pair(tmp_path):
+    """``--pair wrn`` generates a study of the paper's WRN-16-2 -> WRN-16-1 over the same coef space and warm start."""
+    from abd_ray.study.spec import load_spec
+
+    f = tmp_path / "s.yaml"
+    f.write_text(bench_search.study_yaml("s", "tpe", 6, 0, 2000, 0.9, 2, space="coef", warm_start=True, pair="wrn"))
+    cnn = tmp_path / "c.yaml"
+    cnn.write_text(bench_search.study_yaml("s", "tpe", 6, 0, 2000, 0.9, 2, space="coef", warm_start=True))
+    for path, pair in ((f, ("wrn16_2", "wrn16_1")), (cnn, ("cnn_l", "cnn_s"))):
+        config = load_spec(path).base_config("badnet_grid", "zskt", "sv", 0, "grid")
+        assert (config["teacher_arch"], config["student_arch"]) == pair
+    assert load_spec(f).search.space == load_spec(cnn).search.space
+
+
 def test_schedule_ratio_weights_the_stages():
     cells = {("zskt", "none"): {"cpu_s_per_step": 1.0}, ("zskt", "sv"): {"cpu_s_per_step": 1.2},
              ("zskt", "sr"): {"cpu_s_per_step": 5.0}, ("zskt", "abd"): {"cpu_s_per_step": 6.0}}
